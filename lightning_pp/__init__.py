@@ -1,0 +1,22 @@
+"""Pipeline parallelism for PyTorch Lightning on any accelerator.
+
+Importing this package registers the ``"xpu"`` and ``"npu"`` accelerators (and the
+``"pp"`` strategy) with Lightning's Trainer and Fabric.
+"""
+
+from lightning_pp.accelerators import NPUAccelerator, XPUAccelerator
+from lightning_pp.platform import Platform, current_platform, use_platform
+from lightning_pp.registration import register as _register
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "NPUAccelerator",
+    "Platform",
+    "XPUAccelerator",
+    "__version__",
+    "current_platform",
+    "use_platform",
+]
+
+_register()

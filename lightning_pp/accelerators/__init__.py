@@ -1,0 +1,7 @@
+"""Lightning accelerators for devices Lightning does not ship."""
+
+from lightning_pp.accelerators.base import DeviceAccelerator
+from lightning_pp.accelerators.npu import NPUAccelerator
+from lightning_pp.accelerators.xpu import XPUAccelerator
+
+__all__ = ["DeviceAccelerator", "NPUAccelerator", "XPUAccelerator"]

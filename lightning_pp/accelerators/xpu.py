@@ -1,0 +1,17 @@
+"""Intel GPUs through stock torch (no intel-extension-for-pytorch needed)."""
+
+from __future__ import annotations
+
+from lightning_pp.accelerators.base import DeviceAccelerator
+
+__all__ = ["XPUAccelerator"]
+
+
+class XPUAccelerator(DeviceAccelerator):
+    """Runs on Intel GPUs (``accelerator="xpu"``); collectives use XCCL."""
+
+    device_type = "xpu"
+
+    @staticmethod
+    def name() -> str:
+        return "xpu"
