@@ -7,11 +7,13 @@ Importing this package registers the ``"xpu"`` and ``"npu"`` accelerators (and t
 from lightning_pp.accelerators import NPUAccelerator, XPUAccelerator
 from lightning_pp.platform import Platform, current_platform, use_platform
 from lightning_pp.registration import register as _register
+from lightning_pp.strategy import PPStrategy
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "NPUAccelerator",
+    "PPStrategy",
     "Platform",
     "XPUAccelerator",
     "__version__",

@@ -40,6 +40,7 @@ from lightning.pytorch.trainer.connectors import accelerator_connector as traine
 from lightning_pp.accelerators import DeviceAccelerator, NPUAccelerator, XPUAccelerator
 from lightning_pp.platform import current_platform, platform_for
 from lightning_pp.strategies.device_ddp import DeviceDDPStrategy, FabricDeviceDDPStrategy
+from lightning_pp.strategy import PPStrategy
 
 __all__ = ["register"]
 
@@ -70,7 +71,7 @@ def _register_strategies() -> None:
 
 
 def _strategies() -> dict[str, tuple[type, str]]:
-    return {}
+    return {PPStrategy.strategy_name: (PPStrategy, "Pipeline parallelism (lightning_pp)")}
 
 
 # The Trainer and Fabric connectors mirror each other; only the classes differ.

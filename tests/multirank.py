@@ -10,6 +10,7 @@ waited out.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import tempfile
@@ -50,7 +51,9 @@ def _rank_main(
         if init_file is not None:
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle: tensors travel by value, not as shared-memory handles that
+        # die with this process.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -105,7 +108,7 @@ def run_on_ranks(
                     if any(p.exitcode not in (None, 0) for p in procs) and _drained(procs, outcome):
                         break
                     continue
-                outcome[rank] = (status, value)
+                outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
                 if status == "error":
                     # Peers of a failed rank usually block in a collective: give them a
                     # moment to fail by themselves, then stop waiting.

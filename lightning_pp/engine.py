@@ -1,0 +1,185 @@
+"""Runs one rank's part of a pipeline schedule: forwards, backwards, sends and receives.
+
+The executor knows nothing of Lightning. It is handed
+
+* the rank's stage modules (``stage index -> nn.Module``),
+* a :class:`~lightning_pp.schedules.Schedule` (the per-rank action lists),
+* a ``step_fn(k, call_sequential)`` that runs the user's step on microbatch ``k``,
+  with ``call_sequential`` standing in for the pipelined ``nn.Sequential``.
+
+The first stage runs ``step_fn`` until it calls the Sequential, computes stage 0 on
+that input, and stops the step there (the rest of the step needs the last
+stage's output). The last stage runs ``step_fn`` in full, with the Sequential call
+answered by its own stage applied to the activation it received, so the user's
+loss code runs unchanged. Middle stages only apply their layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from lightning_pp.p2p import PipeComm, flatten_payload
+from lightning_pp.schedules import Action, Op, Schedule
+
+__all__ = ["PipelineExecutor", "SequentialCallError", "StepFn"]
+
+StepFn = Callable[[int, Callable[[Any], Any]], Any]
+LossFn = Callable[[int, Any], torch.Tensor]
+
+
+class SequentialCallError(RuntimeError):
+    """The user's step did not call the pipelined ``nn.Sequential`` exactly once."""
+
+
+class _StageBoundary(BaseException):
+    # A BaseException, so a user's `except Exception:` around the model call
+    # cannot swallow the signal that the first stage's part of the step is done.
+    pass
+
+
+def _tensors(payload: Any) -> list[Optional[torch.Tensor]]:
+    return flatten_payload(payload)[1]
+
+
+class PipelineExecutor:
+    """Executes a schedule's actions for one pipeline rank.
+
+    Args:
+        stages: the stage modules this rank holds, by stage index.
+        schedule: the schedule; its ``actions[pp_rank]`` are what this rank runs.
+        pp_rank: this rank's position in the pipeline.
+        comm: the point-to-point channel (``None`` only when ``pp_size == 1``).
+        sequential_name: how the user's code knows the Sequential, for error messages.
+    """
+
+    def __init__(
+        self,
+        stages: Mapping[int, nn.Module],
+        schedule: Schedule,
+        pp_rank: int,
+        comm: Optional[PipeComm],
+        *,
+        sequential_name: str = "the pipelined nn.Sequential",
+    ) -> None:
+        self.stages = dict(stages)
+        self.schedule = schedule
+        self.pp_rank = pp_rank
+        self.comm = comm
+        self.sequential_name = sequential_name
+        self.last_stage = schedule.num_stages - 1
+
+    def run(self, step_fn: StepFn, loss_fn: Optional[LossFn] = None) -> dict[int, Any]:
+        """Runs every action of this rank in order.
+
+        Args:
+            step_fn: runs the user's step for microbatch ``k``.
+            loss_fn: ``loss_fn(k, step_output)`` returns the tensor to back-propagate
+                for microbatch ``k`` (already weighted and scaled). Required unless the
+                schedule is forward-only.
+
+        Returns:
+            On the rank holding the last stage, each microbatch's step output; else ``{}``.
+        """
+        if not self.schedule.forward_only and loss_fn is None:
+            raise ValueError("A schedule with backward actions needs a loss_fn.")
+        inputs: dict[tuple[int, int], Any] = {}
+        outputs: dict[tuple[int, int], Any] = {}
+        grads: dict[tuple[int, int], Any] = {}
+        input_grads: dict[tuple[int, int], list[Optional[torch.Tensor]]] = {}
+        results: dict[int, Any] = {}
+        keep_graph = not self.schedule.forward_only
+        for action in self.schedule.actions[self.pp_rank]:
+            key = (action.stage, action.microbatch)
+            op = action.op
+            if op is Op.RECV_ACT:
+                inputs[key] = self._comm().recv(self._peer(action))
+            elif op is Op.FORWARD:
+                out = self._forward(action, inputs.get(key), step_fn, results, loss_fn)
+                if not keep_graph:
+                    inputs.pop(key, None)
+                outputs[key] = out
+            elif op is Op.SEND_ACT:
+                out = outputs[key] if keep_graph else outputs.pop(key)
+                self._comm().send(out, self._peer(action), where=f"the output of pipeline stage {action.stage}")
+            elif op is Op.RECV_GRAD:
+                grads[key] = self._comm().recv(self._peer(action))
+            elif op is Op.BACKWARD:
+                self._backward(action, outputs.pop(key), grads.pop(key, None))
+                input_grads[key] = [
+                    t.grad if t is not None and t.requires_grad else None for t in _tensors(inputs.pop(key, None))
+                ]
+            elif op is Op.SEND_GRAD:
+                self._comm().send(input_grads.pop(key), self._peer(action), where="input gradients")
+            else:  # pragma: no cover - the schedule validator rules this out
+                raise ValueError(f"unknown action {action}")
+        if not keep_graph:
+            outputs.clear()
+        return results
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _comm(self) -> PipeComm:
+        if self.comm is None:
+            raise RuntimeError("This schedule sends between ranks but the executor has no PipeComm.")
+        return self.comm
+
+    @staticmethod
+    def _peer(action: Action) -> int:
+        assert action.peer is not None, f"{action} has no peer"
+        return action.peer
+
+    def _forward(
+        self, action: Action, stage_input: Any, step_fn: StepFn, results: dict[int, Any], loss_fn: Optional[LossFn]
+    ) -> Any:
+        stage, k = action.stage, action.microbatch
+        module = self.stages[stage]
+        if stage == self.last_stage:
+            calls = 0
+
+            def call_last(first_stage_input: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls > 1:
+                    raise SequentialCallError(self._call_count_message("more than once"))
+                return module(first_stage_input if stage == 0 else stage_input)
+
+            result = step_fn(k, call_last)
+            if calls == 0:
+                raise SequentialCallError(self._call_count_message("not at all"))
+            results[k] = result
+            return loss_fn(k, result) if loss_fn is not None else None
+        if stage == 0:
+            captured: list[Any] = []
+
+            def call_first(first_stage_input: Any) -> Any:
+                captured.append(module(first_stage_input))
+                raise _StageBoundary
+
+            try:
+                step_fn(k, call_first)
+            except _StageBoundary:
+                return captured[0]
+            raise SequentialCallError(self._call_count_message("not at all"))
+        return module(stage_input)
+
+    def _backward(self, action: Action, output: Any, output_grads: Any) -> None:
+        if action.stage == self.last_stage:
+            if output is not None and output.requires_grad:
+                output.backward()
+            return
+        pairs = [
+            (t, g)
+            for t, g in zip(_tensors(output), output_grads or [])
+            if t is not None and g is not None and t.requires_grad
+        ]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+    def _call_count_message(self, how: str) -> str:
+        return (
+            f"The step called {self.sequential_name} {how}. A pipelined step must call the pipelined "
+            "nn.Sequential exactly once per step (its layers are spread over the pipeline ranks); compute "
+            "everything else before or after that single call."
+        )

@@ -1,0 +1,172 @@
+"""Where tensors cross pipeline ranks: structured point-to-point send and receive.
+
+A stage's output may be a tensor, or a tuple/list/dict of tensors (nested). The
+receiver cannot know the structure, shapes or dtypes in advance (sequence length
+may change every batch), so every transfer is a metadata message followed by the
+tensors themselves, and every receive allocates fresh buffers: no stale buffer is
+ever reused. Metadata travels over the CPU twin group when there is one, so device
+backends never pay a device round trip for a few integers.
+
+Every operation here is *blocking*. That is deliberate: the schedule that drives
+this module is proven deadlock-free under the strictest model, in which a send
+does not return until the peer has posted the matching receive (Intel XCCL
+behaves so; see ``lightning_pp.schedules``). Code that is safe under that model
+is safe under every weaker one.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from lightning_pp.platform import Platform, current_platform
+
+__all__ = [
+    "PayloadError",
+    "PipeComm",
+    "TorchTransport",
+    "Transport",
+    "flatten_payload",
+    "unflatten_payload",
+]
+
+
+class PayloadError(TypeError):
+    """A stage produced something that cannot be sent to the next stage."""
+
+
+class Transport(Protocol):
+    """Blocking tensor send/receive between two global ranks of ``group``."""
+
+    def send(self, tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup]) -> None: ...
+
+    def recv(self, tensor: torch.Tensor, src: int, group: Optional[dist.ProcessGroup]) -> None: ...
+
+
+class TorchTransport:
+    """The real thing: ``torch.distributed.send``/``recv`` with global ranks."""
+
+    def send(self, tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup]) -> None:
+        dist.send(tensor, dst=dst, group=group)
+
+    def recv(self, tensor: torch.Tensor, src: int, group: Optional[dist.ProcessGroup]) -> None:
+        dist.recv(tensor, src=src, group=group)
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """Where a tensor sits in a payload, and how to rebuild it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+def flatten_payload(payload: Any, *, where: str = "stage output") -> tuple[Any, list[Optional[torch.Tensor]]]:
+    """Splits a payload into a picklable structure and its tensors (``None`` leaves allowed).
+
+    Raises:
+        PayloadError: a leaf is neither a tensor nor ``None``.
+    """
+    tensors: list[Optional[torch.Tensor]] = []
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor) or node is None:
+            tensors.append(node)
+            return ("leaf", len(tensors) - 1)
+        if isinstance(node, (tuple, list)):
+            return (type(node).__name__, [walk(item, f"{path}[{i}]") for i, item in enumerate(node)])
+        if isinstance(node, dict):
+            return ("dict", [(key, walk(value, f"{path}[{key!r}]")) for key, value in node.items()])
+        raise PayloadError(
+            f"{where} contains {type(node).__name__} at {path or 'the top level'}; pipeline stages may only pass "
+            "tensors, or tuples, lists and dicts of tensors, to the next stage. Move other values into the "
+            "tensors (e.g. torch.tensor(value)) or compute them outside the pipelined nn.Sequential."
+        )
+
+    return walk(payload, ""), tensors
+
+
+def unflatten_payload(structure: Any, tensors: list[Optional[torch.Tensor]]) -> Any:
+    """Inverse of :func:`flatten_payload`."""
+    kind, body = structure
+    if kind == "leaf":
+        return tensors[body]
+    if kind == "dict":
+        return {key: unflatten_payload(value, tensors) for key, value in body}
+    items = [unflatten_payload(item, tensors) for item in body]
+    return tuple(items) if kind == "tuple" else items
+
+
+class PipeComm:
+    """Sends and receives payloads between the ranks of one pipeline.
+
+    Args:
+        group: the pipeline's process group (device backend).
+        device: this rank's device; received tensors land here.
+        meta_group: group for metadata messages (the CPU twin of ``group``); defaults
+            to ``group``, which is right on the CPU.
+        transport: the tensor mover; tests substitute one whose sends block until the
+            receiver has posted its receive.
+        platform: device facts; the process platform by default.
+    """
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup],
+        device: torch.device,
+        *,
+        meta_group: Optional[dist.ProcessGroup] = None,
+        transport: Optional[Transport] = None,
+        platform: Optional[Platform] = None,
+    ) -> None:
+        self.group = group
+        self.meta_group = meta_group if meta_group is not None else group
+        self.device = device
+        self.transport: Transport = transport or TorchTransport()
+        self.platform = platform or current_platform()
+        self._meta_device = torch.device("cpu") if meta_group is not None else device
+
+    def global_rank(self, pp_rank: int) -> int:
+        """The global rank of pipeline rank ``pp_rank`` (``dist`` APIs take global ranks)."""
+        return dist.get_global_rank(self.group, pp_rank) if self.group is not None else pp_rank
+
+    def send(self, payload: Any, dst_pp_rank: int, *, where: str = "stage output") -> None:
+        """Sends ``payload`` to pipeline rank ``dst_pp_rank``; returns when the transfer completed."""
+        structure, tensors = flatten_payload(payload, where=where)
+        leaves = [None if t is None else _Leaf(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+        meta = torch.frombuffer(bytearray(pickle.dumps((structure, leaves))), dtype=torch.uint8)
+        dst = self.global_rank(dst_pp_rank)
+        self.transport.send(torch.tensor([meta.numel()], dtype=torch.int64, device=self._meta_device), dst, self.meta_group)
+        self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
+        for tensor in tensors:
+            if tensor is not None:
+                self.transport.send(tensor.detach().contiguous(), dst, self.group)
+
+    def recv(self, src_pp_rank: int) -> Any:
+        """Receives the next payload from pipeline rank ``src_pp_rank``, in fresh buffers.
+
+        Floating-point tensors that required grad on the sender require grad here, so
+        the receiving stage's backward produces the gradient to send back.
+        """
+        src = self.global_rank(src_pp_rank)
+        size = torch.empty(1, dtype=torch.int64, device=self._meta_device)
+        self.transport.recv(size, src, self.meta_group)
+        meta = torch.empty(int(size.item()), dtype=torch.uint8, device=self._meta_device)
+        self.transport.recv(meta, src, self.meta_group)
+        structure, leaves = pickle.loads(meta.cpu().numpy().tobytes())
+        tensors: list[Optional[torch.Tensor]] = []
+        for leaf in leaves:
+            if leaf is None:
+                tensors.append(None)
+                continue
+            tensor = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
+            self.transport.recv(tensor, src, self.group)
+            if leaf.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+                tensor.requires_grad_(True)
+            tensors.append(tensor)
+        return unflatten_payload(structure, tensors)

@@ -1,0 +1,127 @@
+"""Finding the pipelined ``nn.Sequential`` in a module and keeping only this rank's stages.
+
+The user's module holds the network to pipeline as an ``nn.Sequential`` attribute
+(a direct child). :func:`partition_module` replaces that attribute with a
+:class:`PipelinedSequential` that holds only the layers of this rank's stages,
+registered under their *original* indices: ``layers.3.weight`` keeps its name on
+whichever rank holds layer 3, so the union of the ranks' state dicts is the
+original state dict, whatever the split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+from torch import nn
+
+from lightning_pp.split import plan_stage_split
+
+__all__ = ["PipelinedSequential", "find_pipelined_sequential", "layer_weights", "partition_module"]
+
+
+class PipelinedSequential(nn.Module):
+    """Stands in for the user's ``nn.Sequential`` on one pipeline rank.
+
+    Calling it runs whatever handler the executor installed for the current
+    microbatch: the first stage's layers on the step's input, or the last stage's
+    layers on the activation received from the previous stage.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module], stage_slices: dict[int, range], num_layers: int) -> None:
+        super().__init__()
+        for index, layer in layers.items():
+            self.add_module(str(index), layer)
+        self.num_layers = num_layers
+        self.stage_slices = dict(stage_slices)
+        # Plain dict: the stage containers share the layers registered above and must
+        # not register them a second time under other names.
+        self.stages: dict[int, nn.Sequential] = {
+            stage: nn.Sequential(*(layers[i] for i in indices)) for stage, indices in stage_slices.items()
+        }
+        self.handler: Optional[Callable[[Any], Any]] = None
+
+    def forward(self, x: Any) -> Any:
+        if self.handler is None:
+            raise RuntimeError(
+                "The pipelined nn.Sequential was called outside a training/validation/test/predict step. Under "
+                "PPStrategy its layers are spread over the pipeline ranks, so it can only run inside a step."
+            )
+        return self.handler(x)
+
+
+def find_pipelined_sequential(module: nn.Module, name: Optional[str] = None) -> tuple[str, nn.Module]:
+    """Returns ``(attribute name, Sequential)`` of the network to pipeline.
+
+    Raises:
+        ValueError: none, or more than one, direct ``nn.Sequential`` child and no ``name``.
+    """
+    children = dict(module.named_children())
+    if name is not None:
+        child = children.get(name)
+        if not isinstance(child, (nn.Sequential, PipelinedSequential)):
+            raise ValueError(
+                f"PPStrategy(sequential={name!r}): {type(module).__name__}.{name} is "
+                f"{type(child).__name__ if child is not None else 'missing'}, not an nn.Sequential. Name the "
+                "attribute that holds the layers to pipeline as an nn.Sequential."
+            )
+        return name, child
+    found = [(n, c) for n, c in children.items() if isinstance(c, (nn.Sequential, PipelinedSequential))]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(
+            f"PPStrategy found no nn.Sequential among the direct children of {type(module).__name__}. Put the layers "
+            "to pipeline in an nn.Sequential attribute (e.g. self.layers = nn.Sequential(embed, *blocks, head)) "
+            "and call it once per step."
+        )
+    names = ", ".join(n for n, _ in found)
+    raise ValueError(
+        f"{type(module).__name__} has several nn.Sequential children ({names}); tell PPStrategy which one to "
+        f"pipeline, e.g. PPStrategy(sequential={found[0][0]!r})."
+    )
+
+
+def layer_weights(sequential: nn.Module) -> list[int]:
+    """Parameter count of each layer (shared parameters counted where first seen)."""
+    seen: set[int] = set()
+    weights = []
+    for layer in sequential.children():
+        count = 0
+        for p in layer.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                count += p.numel()
+        weights.append(count)
+    return weights
+
+
+def partition_module(
+    module: nn.Module,
+    *,
+    name: Optional[str],
+    num_stages: int,
+    local_stages: Sequence[int],
+    balance: Optional[Sequence[int]] = None,
+) -> tuple[str, PipelinedSequential]:
+    """Replaces the pipelined Sequential of ``module`` with this rank's part of it.
+
+    Idempotent: a module already partitioned the same way is left as it is.
+
+    Returns:
+        The attribute name and the installed :class:`PipelinedSequential`.
+    """
+    attr, sequential = find_pipelined_sequential(module, name)
+    if isinstance(sequential, PipelinedSequential):
+        if set(sequential.stages) != set(local_stages) or len(sequential.stage_slices) != len(local_stages):
+            raise ValueError(
+                f"{type(module).__name__}.{attr} was already split for another pipeline layout. Create a fresh "
+                "model (or load it from a consolidated checkpoint) to use a different PPStrategy layout."
+            )
+        return attr, sequential
+    slices = plan_stage_split(layer_weights(sequential), num_stages, balance)
+    layers = list(sequential.children())
+    mine = {stage: slices[stage] for stage in local_stages}
+    kept = {i: layers[i] for indices in mine.values() for i in indices}
+    pipelined = PipelinedSequential(kept, mine, num_layers=len(layers))
+    setattr(module, attr, pipelined)
+    return attr, pipelined
