@@ -70,6 +70,9 @@ class PipelineExecutor:
         self.comm = comm
         self.sequential_name = sequential_name
         self.last_stage = schedule.num_stages - 1
+        #: Most microbatches whose forward activations this rank held at once in the
+        #: last run (what 1F1B bounds by the pipeline depth and GPipe does not).
+        self.peak_live_activations = 0
 
     def run(self, step_fn: StepFn, loss_fn: Optional[LossFn] = None) -> dict[int, Any]:
         """Runs every action of this rank in order.
@@ -90,6 +93,7 @@ class PipelineExecutor:
         grads: dict[tuple[int, int], Any] = {}
         input_grads: dict[tuple[int, int], list[Optional[torch.Tensor]]] = {}
         results: dict[int, Any] = {}
+        self.peak_live_activations = 0
         keep_graph = not self.schedule.forward_only
         for action in self.schedule.actions[self.pp_rank]:
             key = (action.stage, action.microbatch)
@@ -101,6 +105,7 @@ class PipelineExecutor:
                 if not keep_graph:
                     inputs.pop(key, None)
                 outputs[key] = out
+                self.peak_live_activations = max(self.peak_live_activations, len(outputs))
             elif op is Op.SEND_ACT:
                 out = outputs[key] if keep_graph else outputs.pop(key)
                 self._comm().send(out, self._peer(action), where=f"the output of pipeline stage {action.stage}")

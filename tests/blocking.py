@@ -20,7 +20,7 @@ __all__ = ["RendezvousTransport"]
 
 
 class RendezvousTransport:
-    def __init__(self, timeout: float = 20.0) -> None:
+    def __init__(self, timeout: float = 60.0) -> None:
         self.timeout = timedelta(seconds=timeout)
         self._sent: dict[int, int] = defaultdict(int)
         self._received: dict[int, int] = defaultdict(int)
