@@ -79,6 +79,9 @@ class PPStrategy(ParallelStrategy):
         transport: the point-to-point mover (tests use one whose sends wait for receivers).
         process_group_backend: override the platform's backend.
         timeout: timeout of the process group's collectives.
+        check_finite_loss: stop every rank with an error naming the step when the loss
+            is NaN or infinite (a pipeline cannot stop one stage alone without hanging
+            the others).
     """
 
     strategy_name = "pp"
@@ -100,6 +103,7 @@ class PPStrategy(ParallelStrategy):
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = timedelta(minutes=30),
+        check_finite_loss: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -130,6 +134,7 @@ class PPStrategy(ParallelStrategy):
         self._transport = transport
         self._process_group_backend = process_group_backend
         self._timeout = timeout
+        self.check_finite_loss = check_finite_loss
         self._num_nodes = 1
         self.pp_size = 1
         self.dp_size = 1
@@ -180,10 +185,21 @@ class PPStrategy(ParallelStrategy):
         return self._requested_microbatches or 2 * self.pp_size
 
     def set_world_ranks(self) -> None:
+        # Lightning calls this while building the Trainer: a bad layout fails there,
+        # in the launching process, before any rank starts or blocks.
+        self._check_layout(self.num_nodes * self.num_processes)
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero_only.rank = self.global_rank
+
+    def _check_layout(self, world_size: int) -> None:
+        pp_size = self._requested_pp_size or world_size
+        if world_size and world_size % pp_size:
+            raise ValueError(
+                f"pipeline_parallel_size={pp_size} does not divide the {world_size} processes (devices x nodes). "
+                f"Use a divisor of {world_size}, or change `devices`/`num_nodes`."
+            )
 
     @override
     def _configure_launcher(self) -> None:
@@ -199,12 +215,8 @@ class PPStrategy(ParallelStrategy):
         reset_seed()
         self.set_world_ranks()
         world_size = self.num_nodes * self.num_processes
+        self._check_layout(world_size)
         pp_size = self._requested_pp_size or world_size
-        if world_size % pp_size:
-            raise ValueError(
-                f"pipeline_parallel_size={pp_size} does not divide the {world_size} processes (devices x nodes). "
-                f"Use a divisor of {world_size}, or change `devices`/`num_nodes`."
-            )
         self.pp_size, self.dp_size = pp_size, world_size // pp_size
         platform = platform_for(self.root_device)
         backend = self._process_group_backend or platform.dist_backend
@@ -245,6 +257,9 @@ class PPStrategy(ParallelStrategy):
             # Norm clipping must see the gradients of every stage, not just this rank's.
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self.setup_precision_plugin()
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            _sync_found_inf(scaler)
 
     @override
     def model_to_device(self) -> None:
@@ -383,11 +398,48 @@ class PPStrategy(ParallelStrategy):
             if isinstance(output, Tensor):
                 output = output.detach()
         output = self._publish(recorder, weights, output)
+        if self.check_finite_loss:
+            self._raise_if_not_finite(extract_loss(output), trainer, args[1] if len(args) > 1 else None)
         new_grads = [p.grad for p in params]
         for p, grad in zip(params, previous):
             p.grad = grad
         self._pending_grads = self._reduce_gradients(params, new_grads)
         return output
+
+    def _raise_if_not_finite(self, loss: Tensor, trainer: "pl.Trainer", batch_idx: Any) -> None:
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if self.dp_size > 1:
+            # Every replica must stop together, or the healthy ones wait forever.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)
+        if not bool(finite.item()):
+            raise FloatingPointError(
+                f"The training loss is not finite (this replica: {loss.item()}) at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}, batch {batch_idx}). Every pipeline rank stops here. Lower the "
+                "learning rate, clip gradients or check the data; PPStrategy(check_finite_loss=False) trains on."
+            )
+
+    @override
+    def on_train_start(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._check_same_on_pipeline("training batches per epoch", trainer.num_training_batches)
+
+    @override
+    def on_validation_start(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._check_same_on_pipeline("validation batches", trainer.num_val_batches)
+
+    def _check_same_on_pipeline(self, what: str, value: Any) -> None:
+        """Fails on every rank when the stages of a pipeline would run different numbers of steps."""
+        if self.pp_size == 1:
+            return
+        values: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(values, value, group=self._pp_cpu_group or self._pp_group)
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"The stages of one pipeline see different numbers of {what}: {values} (by pipeline rank). Every "
+                "stage must iterate the same data: give each rank the same dataloader and let PPStrategy split it "
+                "over data-parallel replicas."
+            )
 
     def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline."""
@@ -483,6 +535,26 @@ def _to_cpu(obj: Any) -> Any:
 
 def _to_device(obj: Any, device: torch.device) -> Any:
     return move_data_to_device(obj, device)
+
+
+def _sync_found_inf(scaler: Any) -> None:
+    """Makes every rank skip (or take) an fp16 optimizer step together.
+
+    NOTE: ``GradScaler.unscale_`` looks for inf/NaN only in this rank's gradients.
+    One stage skipping a step that another takes would split the model, and their
+    loss scales would drift apart; so the finding is all-reduced (max) over the world.
+    """
+    if getattr(scaler.unscale_, "_lightning_pp_synced", False):
+        return
+    unscale = scaler.unscale_
+
+    def unscale_(optimizer: Any) -> None:
+        unscale(optimizer)
+        for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+
+    unscale_._lightning_pp_synced = True  # type: ignore[attr-defined]
+    scaler.unscale_ = unscale_
 
 
 def _destroy_process_group() -> None:

@@ -1,0 +1,180 @@
+"""Every way to hold PPStrategy wrong fails with an error that says what to change, never a hang."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_pp import PPStrategy
+from lightning_pp.pipeline_module import find_pipelined_sequential
+from models import LitLM, make_loader, trainer_kwargs
+from multirank import RankFailure, run_on_ranks
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(schedule="zigzag"), "Unknown pipeline schedule 'zigzag'. Choose one of: gpipe, 1f1b, interleaved1f1b"),
+        (dict(num_microbatches=0), "num_microbatches must be at least 1"),
+        (dict(num_microbatches=-3), "num_microbatches must be at least 1"),
+        (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be a positive"),
+        (dict(schedule="1F1B", virtual_stages=2), "need schedule='Interleaved1F1B'"),
+        (dict(schedule="Interleaved1F1B", virtual_stages=1), "needs virtual_stages >= 2"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PPStrategy(**kwargs)
+
+
+def test_pipeline_size_that_does_not_divide_the_devices_fails_before_launch():
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 does not divide the 2 processes"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy(pipeline_parallel_size=3), **trainer_kwargs())
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(2, 2))
+        self.decoder = nn.Sequential(nn.Linear(2, 2))
+
+
+def test_sequential_discovery_errors_say_how_to_fix():
+    with pytest.raises(ValueError, match=r"several nn.Sequential children \(encoder, decoder\).*sequential='encoder'"):
+        find_pipelined_sequential(_Two())
+    assert find_pipelined_sequential(_Two(), "decoder")[0] == "decoder"
+    with pytest.raises(ValueError, match="found no nn.Sequential among the direct children"):
+        find_pipelined_sequential(nn.Module())
+    with pytest.raises(ValueError, match=r"sequential='missing'.*missing, not an nn.Sequential"):
+        find_pipelined_sequential(_Two(), "missing")
+
+
+# -- failures inside a run: every rank must stop, none may hang ------------------------------
+
+
+class OneLayer(LitLM):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4))
+
+
+class NoSequential(LitLM):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.ModuleList(list(self.layers))
+        del self.layers
+
+    def training_step(self, batch, batch_idx):
+        raise AssertionError("never reached")
+
+
+class SkipsTheSequential(LitLM):
+    def training_step(self, batch, batch_idx):
+        return sum(p.sum() for p in self.parameters())  # never calls self.layers
+
+
+class NaNAtSecondBatch(LitLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+class CallsTwice(LitLM):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hidden = self.layers(x)
+        return F.cross_entropy(self.layers(x).flatten(0, 1), y.flatten()) + hidden.mean()
+
+
+class TextBetweenStages(LitLM):
+    def __init__(self):
+        super().__init__()
+
+        class Tag(nn.Module):
+            def forward(self, x):
+                return (x, "not a tensor")
+
+        class Untag(nn.Module):
+            def forward(self, pair):
+                return pair[0]
+
+        self.layers = nn.Sequential(self.layers[0], Tag(), Untag(), *list(self.layers)[1:])
+
+
+def _fit_and_report(rank, world_size, model_name, num_items_by_rank=None, reraise=False):
+    import lightning_pp  # noqa: F401
+
+    model = globals()[model_name]()
+    num_items = (num_items_by_rank or {}).get(rank, 16)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world_size, strategy=PPStrategy(balance=[2, 7] if model_name == "TextBetweenStages" else None),
+        **trainer_kwargs(),
+    )
+    try:
+        trainer.fit(model, make_loader(num_items=num_items, batch_size=8))
+    except Exception as error:  # noqa: BLE001 - the test inspects it
+        if reraise:
+            raise
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+SYMMETRIC = {
+    "OneLayer": r"ValueError: The pipelined nn.Sequential has 1 layers, fewer than the 2 pipeline stages",
+    "NoSequential": r"ValueError: PPStrategy found no nn.Sequential",
+    "NaNAtSecondBatch": r"FloatingPointError: The training loss is not finite .* \(epoch 0, batch 1\)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", SYMMETRIC)
+def test_errors_every_stage_sees_stop_every_stage(model_name):
+    import re
+
+    for message in run_on_ranks(_fit_and_report, 2, model_name, init_process_group=False, timeout=120):
+        assert re.search(SYMMETRIC[model_name], message), message
+
+
+@pytest.mark.slow
+def test_stages_with_different_dataloader_lengths_fail_instead_of_hanging():
+    messages = run_on_ranks(_fit_and_report, 2, "LitLM", {0: 16, 1: 24}, init_process_group=False, timeout=120)
+    for message in messages:
+        assert "different numbers of training batches per epoch: [2, 3]" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model_name, failing_rank, match",
+    [
+        ("CallsTwice", 1, "The step called self.layers more than once"),
+        ("SkipsTheSequential", 0, "The step called self.layers not at all"),
+        ("TextBetweenStages", 0, "the output of pipeline stage 0 contains str at \\[1\\]"),
+    ],
+)
+def test_errors_one_stage_sees_end_the_job(model_name, failing_rank, match):
+    # The stage that finds the problem raises; its peers' receives fail when it exits.
+    with pytest.raises(RankFailure, match=match) as info:
+        run_on_ranks(_fit_and_report, 2, model_name, None, True, init_process_group=False, timeout=120)
+    assert f"rank {failing_rank} raised" in str(info.value)
+
+
+def _found_inf_after_unscale(rank, world_size):
+    from lightning_pp.strategy import _sync_found_inf
+
+    param = nn.Parameter(torch.ones(2))
+    param.grad = torch.tensor([1.0, float("inf") if rank == 1 else 1.0])
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    _sync_found_inf(scaler)
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    return param.detach().tolist()
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage():
+    # Without the sync, rank 0 would step (params change) while rank 1 skips.
+    assert run_on_ranks(_found_inf_after_unscale, 2) == [[1.0, 1.0], [1.0, 1.0]]
