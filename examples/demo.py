@@ -4,6 +4,9 @@ A character-level language model (embedding, transformer-style blocks, norm, hea
 in one ``nn.Sequential``) is trained on a small text shipped in ``examples/data``
 with ``PPStrategy`` on 2 processes (2 pipeline stages, gloo), then predicts the next
 character for held-out windows; predictions go to ``out/demo_predictions.jsonl``.
+``trainer.predict`` streams: the first stage starts the next batch's microbatches while
+the last stage finishes the current one, and each batch's output comes back to rank 0.
+For offline jobs that must survive a kill, see ``examples/stream_predict.py``.
 
     python examples/demo.py                 # 2 stages, 1F1B, 2 epochs
     python examples/demo.py --devices 4 --schedule gpipe

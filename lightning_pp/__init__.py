@@ -5,6 +5,7 @@ Importing this package registers the ``"xpu"`` and ``"npu"`` accelerators (and t
 """
 
 from lightning_pp.accelerators import NPUAccelerator, XPUAccelerator
+from lightning_pp.checkpoint import consolidate_checkpoint
 from lightning_pp.platform import Platform, current_platform, use_platform
 from lightning_pp.registration import register as _register
 from lightning_pp.strategy import PPStrategy
@@ -17,6 +18,7 @@ __all__ = [
     "Platform",
     "XPUAccelerator",
     "__version__",
+    "consolidate_checkpoint",
     "current_platform",
     "use_platform",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_pp.p2p import PipeComm, flatten_payload
 from lightning_pp.schedules import Action, Op, Schedule
+from lightning_pp.trace import TraceRecorder
 
 __all__ = ["PipelineExecutor", "SequentialCallError", "StepFn"]
 
@@ -73,6 +74,8 @@ class PipelineExecutor:
         #: Most microbatches whose forward activations this rank held at once in the
         #: last run (what 1F1B bounds by the pipeline depth and GPipe does not).
         self.peak_live_activations = 0
+        #: Records each action's start and end while tracing is on (see lightning_pp.trace).
+        self.tracer: Optional[TraceRecorder] = None
 
     def run(self, step_fn: StepFn, loss_fn: Optional[LossFn] = None) -> dict[int, Any]:
         """Runs every action of this rank in order.
@@ -95,11 +98,15 @@ class PipelineExecutor:
         results: dict[int, Any] = {}
         self.peak_live_activations = 0
         keep_graph = not self.schedule.forward_only
+        tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         for action in self.schedule.actions[self.pp_rank]:
+            start = tracer.now() if tracer is not None else 0.0
             key = (action.stage, action.microbatch)
             op = action.op
             if op is Op.RECV_ACT:
-                inputs[key] = self._comm().recv(self._peer(action))
+                inputs[key] = self._comm().recv(
+                    self._peer(action), what=f"the input of stage {action.stage}, microbatch {action.microbatch},"
+                )
             elif op is Op.FORWARD:
                 out = self._forward(action, inputs.get(key), step_fn, results, loss_fn)
                 if not keep_graph:
@@ -110,7 +117,9 @@ class PipelineExecutor:
                 out = outputs[key] if keep_graph else outputs.pop(key)
                 self._comm().send(out, self._peer(action), where=f"the output of pipeline stage {action.stage}")
             elif op is Op.RECV_GRAD:
-                grads[key] = self._comm().recv(self._peer(action))
+                grads[key] = self._comm().recv(
+                    self._peer(action), what=f"the output gradients of stage {action.stage}, microbatch {action.microbatch},"
+                )
             elif op is Op.BACKWARD:
                 self._backward(action, outputs.pop(key), grads.pop(key, None))
                 input_grads[key] = [
@@ -120,6 +129,8 @@ class PipelineExecutor:
                 self._comm().send(input_grads.pop(key), self._peer(action), where="input gradients")
             else:  # pragma: no cover - the schedule validator rules this out
                 raise ValueError(f"unknown action {action}")
+            if tracer is not None:
+                tracer.record(action, start, tracer.now())
         if not keep_graph:
             outputs.clear()
         return results

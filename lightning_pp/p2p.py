@@ -12,13 +12,19 @@ this module is proven deadlock-free under the strictest model, in which a send
 does not return until the peer has posted the matching receive (Intel XCCL
 behaves so; see ``lightning_pp.schedules``). Code that is safe under that model
 is safe under every weaker one.
+
+Each transfer has a deadline (``timeout``): a peer that stalls, or dies, surfaces
+as a :class:`PipeCommError` naming this rank, the peer and the transfer, never as a
+rank waiting forever in a receive.
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from datetime import timedelta
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,7 @@ from lightning_pp.platform import Platform, current_platform
 __all__ = [
     "PayloadError",
     "PipeComm",
+    "PipeCommError",
     "TorchTransport",
     "Transport",
     "flatten_payload",
@@ -39,6 +46,20 @@ class PayloadError(TypeError):
     """A stage produced something that cannot be sent to the next stage."""
 
 
+class PipeCommError(RuntimeError):
+    """A point-to-point transfer failed: the peer stalled past the timeout, or died.
+
+    Attributes:
+        rank: this process's global rank.
+        peer: the peer's global rank.
+        operation: ``"send"`` or ``"receive"``, and what was being moved.
+    """
+
+    def __init__(self, message: str, *, rank: int, peer: int, operation: str) -> None:
+        super().__init__(message)
+        self.rank, self.peer, self.operation = rank, peer, operation
+
+
 class Transport(Protocol):
     """Blocking tensor send/receive between two global ranks of ``group``."""
 
@@ -48,13 +69,28 @@ class Transport(Protocol):
 
 
 class TorchTransport:
-    """The real thing: ``torch.distributed.send``/``recv`` with global ranks."""
+    """The real thing: ``torch.distributed`` send/receive with global ranks.
+
+    Args:
+        timeout: longest wait for one transfer; ``None`` uses the process group's.
+            ``dist.send``/``dist.recv`` take no per-call timeout, so this posts the
+            transfer and waits on its handle with one (the same work, no extra cost).
+    """
+
+    def __init__(self, timeout: Optional[timedelta] = None) -> None:
+        self.timeout = timeout
+
+    def _wait(self, work: Any) -> None:
+        if self.timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=self.timeout)
 
     def send(self, tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup]) -> None:
-        dist.send(tensor, dst=dst, group=group)
+        self._wait(dist.isend(tensor, dst=dst, group=group))
 
     def recv(self, tensor: torch.Tensor, src: int, group: Optional[dist.ProcessGroup]) -> None:
-        dist.recv(tensor, src=src, group=group)
+        self._wait(dist.irecv(tensor, src=src, group=group))
 
 
 @dataclass(frozen=True)
@@ -113,6 +149,8 @@ class PipeComm:
         transport: the tensor mover; tests substitute one whose sends block until the
             receiver has posted its receive.
         platform: device facts; the process platform by default.
+        timeout: deadline of each transfer of the default transport (``None``: the
+            process group's own timeout).
     """
 
     def __init__(
@@ -123,11 +161,13 @@ class PipeComm:
         meta_group: Optional[dist.ProcessGroup] = None,
         transport: Optional[Transport] = None,
         platform: Optional[Platform] = None,
+        timeout: Optional[timedelta] = None,
     ) -> None:
         self.group = group
         self.meta_group = meta_group if meta_group is not None else group
         self.device = device
-        self.transport: Transport = transport or TorchTransport()
+        self.timeout = timeout
+        self.transport: Transport = transport or TorchTransport(timeout)
         self.platform = platform or current_platform()
         self._meta_device = torch.device("cpu") if meta_group is not None else device
 
@@ -141,19 +181,25 @@ class PipeComm:
         leaves = [None if t is None else _Leaf(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
         meta = torch.frombuffer(bytearray(pickle.dumps((structure, leaves))), dtype=torch.uint8)
         dst = self.global_rank(dst_pp_rank)
-        self.transport.send(torch.tensor([meta.numel()], dtype=torch.int64, device=self._meta_device), dst, self.meta_group)
-        self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
-        for tensor in tensors:
-            if tensor is not None:
-                self.transport.send(tensor.detach().contiguous(), dst, self.group)
+        with self._failures("send", where, "to", dst_pp_rank, dst):
+            size = torch.tensor([meta.numel()], dtype=torch.int64, device=self._meta_device)
+            self.transport.send(size, dst, self.meta_group)
+            self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
+            for tensor in tensors:
+                if tensor is not None:
+                    self.transport.send(tensor.detach().contiguous(), dst, self.group)
 
-    def recv(self, src_pp_rank: int) -> Any:
+    def recv(self, src_pp_rank: int, *, what: str = "a payload") -> Any:
         """Receives the next payload from pipeline rank ``src_pp_rank``, in fresh buffers.
 
         Floating-point tensors that required grad on the sender require grad here, so
         the receiving stage's backward produces the gradient to send back.
         """
         src = self.global_rank(src_pp_rank)
+        with self._failures("receive", what, "from", src_pp_rank, src):
+            return self._recv(src)
+
+    def _recv(self, src: int) -> Any:
         size = torch.empty(1, dtype=torch.int64, device=self._meta_device)
         self.transport.recv(size, src, self.meta_group)
         meta = torch.empty(int(size.item()), dtype=torch.uint8, device=self._meta_device)
@@ -170,3 +216,40 @@ class PipeComm:
                 tensor.requires_grad_(True)
             tensors.append(tensor)
         return unflatten_payload(structure, tensors)
+
+    @contextmanager
+    def _failures(self, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int) -> Iterator[None]:
+        """Turns a backend error of one transfer into a :class:`PipeCommError` that names both ends."""
+        try:
+            yield
+        except RuntimeError as error:
+            if isinstance(error, PipeCommError):
+                raise
+            me = dist.get_rank() if dist.is_initialized() else 0
+            my_pp_rank = dist.get_rank(self.group) if self.group is not None else 0
+            text = str(error)
+            if "timed out" in text.lower() or "timeout" in text.lower():
+                cause = (
+                    f"timed out after {_seconds(self.timeout)}: pipeline rank {peer_pp_rank} "
+                    f"(global rank {peer}) is alive but stalled, or far behind. Find what it is doing (py-spy dump "
+                    "--pid ...), or raise PPStrategy(timeout=...) if its step is legitimately slow"
+                )
+            elif "closed" in text.lower() or "reset" in text.lower() or "broken pipe" in text.lower():
+                cause = (
+                    f"lost the connection: pipeline rank {peer_pp_rank} (global rank {peer}) died or closed its "
+                    "connection; its own log says why"
+                )
+            else:
+                cause = f"failed ({text.splitlines()[0] if text else type(error).__name__})"
+            operation = f"{verb} {what}"
+            raise PipeCommError(
+                f"Pipeline rank {my_pp_rank} (global rank {me}) could not {operation} {preposition} pipeline rank "
+                f"{peer_pp_rank} (global rank {peer}): {cause}.",
+                rank=me,
+                peer=peer,
+                operation=operation,
+            ) from error
+
+
+def _seconds(timeout: Optional[timedelta]) -> str:
+    return f"{timeout.total_seconds():g}s" if timeout is not None else "the process group's timeout"

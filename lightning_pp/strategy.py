@@ -23,6 +23,7 @@ same batches; gradients are averaged over the replicas of each stage.
 from __future__ import annotations
 
 import atexit
+import os
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -33,17 +34,32 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _init_dist_connection, _sync_ddp
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 from typing_extensions import override
 
+from lightning_pp.checkpoint import (
+    gather_param_group_names,
+    indexed_to_named_optimizer_state,
+    is_sharded_checkpoint,
+    load_named_optimizer_state,
+    load_sharded_checkpoint,
+    named_optimizer_state,
+    param_order_key,
+    remove_checkpoint,
+    save_sharded_checkpoint,
+)
 from lightning_pp.engine import PipelineExecutor
+from lightning_pp.interrupts import install_interrupt_escalation
 from lightning_pp.microbatch import batch_rows, split_microbatches
 from lightning_pp.p2p import PipeComm, Transport
 from lightning_pp.pipeline_module import PipelinedSequential, partition_module
@@ -78,7 +94,9 @@ class PPStrategy(ParallelStrategy):
             has more than one.
         transport: the point-to-point mover (tests use one whose sends wait for receivers).
         process_group_backend: override the platform's backend.
-        timeout: timeout of the process group's collectives.
+        timeout: how long any collective or point-to-point transfer may wait for a peer
+            before the job fails with an error naming the stage, the peer and the
+            operation (a stalled or lost stage). ``None`` waits forever.
         check_finite_loss: stop every rank with an error naming the step when the loss
             is NaN or infinite (a pipeline cannot stop one stage alone without hanging
             the others).
@@ -210,6 +228,14 @@ class PPStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_distributed()
+        # Ctrl-C must stop every rank even while this one is blocked waiting for a stalled peer.
+        install_interrupt_escalation(self._stop_launched_ranks)
+
+    def _stop_launched_ranks(self) -> None:
+        """Kills the ranks Lightning's launcher started from this process (none under torchrun/SLURM)."""
+        launcher = self.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and getattr(launcher, "procs", None):
+            launcher.kill(_get_sigkill_signal())
 
     def _setup_distributed(self) -> None:
         reset_seed()
@@ -234,7 +260,12 @@ class PPStrategy(ParallelStrategy):
             pipelines = [list(range(d * pp_size, (d + 1) * pp_size)) for d in range(self.dp_size)]
             self._pp_cpu_group, _ = dist.new_subgroups_by_enumeration(pipelines, backend=distributed_backend_for("cpu"))
         self._comm = PipeComm(
-            self._pp_group, self.root_device, meta_group=self._pp_cpu_group, transport=self._transport, platform=platform
+            self._pp_group,
+            self.root_device,
+            meta_group=self._pp_cpu_group,
+            transport=self._transport,
+            platform=platform,
+            timeout=self._timeout,
         )
 
     @override
@@ -270,6 +301,99 @@ class PPStrategy(ParallelStrategy):
     def teardown(self) -> None:
         # The process group stays up: `trainer.save_checkpoint` after `fit` still needs it.
         super().teardown()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning's launcher kills the ranks it started only on Ctrl-C. After any other
+        # error here a stalled rank would outlive the job (alive, never communicating,
+        # so no peer's exit wakes it): a failed job takes every rank with it.
+        self._stop_launched_ranks()
+
+    # -- checkpoints (the format lives in lightning_pp/checkpoint.py) -----------------------
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Each rank reads only the layers it holds: the split must exist before loading.
+        return True
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+
+    def _param_group_names(self) -> list[list[list[str]]]:
+        """Every optimizer group's parameter names over the pipeline, in one-device order (collective)."""
+        return gather_param_group_names(
+            self.optimizers,
+            self._param_names(),
+            param_order_key(self.lightning_module, self._pipelined_attr),
+            self._pp_cpu_group or self._pp_group,
+        )
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        # Keyed by parameter name: indices differ from stage to stage and split to split.
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return named_optimizer_state(optimizer, self._param_names())
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Writes every stage's weights and optimizer state into the directory ``filepath`` (all ranks)."""
+        if storage_options is not None:
+            raise TypeError(
+                "PPStrategy writes sharded checkpoints with torch.distributed.checkpoint and takes no storage_options."
+            )
+        path = self.broadcast(str(filepath))
+        group_names = self._param_group_names() if "optimizer_states" in checkpoint else []
+        save_sharded_checkpoint(
+            path,
+            checkpoint,
+            param_group_names=group_names,
+            extra_meta={"pipeline_parallel_size": self.pp_size, "world_size": self.world_size},
+        )
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Reads this rank's stages from a PPStrategy checkpoint (any split) or a one-device checkpoint file."""
+        path = self.broadcast(str(checkpoint_path))
+        module = self.lightning_module
+        names = self._param_names()
+        if os.path.isfile(path) and not is_sharded_checkpoint(path):
+            # One-device Lightning checkpoint, or one made by consolidate_checkpoint.
+            checkpoint = super().load_checkpoint(path, weights_only=weights_only)
+            if self.optimizers and "optimizer_states" in checkpoint:
+                saved = checkpoint.get("lightning_pp", {}).get("optimizer_param_names")
+                group_names = saved or self._param_group_names()
+                checkpoint["optimizer_states"] = [
+                    indexed_to_named_optimizer_state(state, groups)
+                    for state, groups in zip(checkpoint["optimizer_states"], group_names)
+                ]
+            return checkpoint
+        return load_sharded_checkpoint(
+            path,
+            model_keys=list(module.state_dict()),
+            optimizer_param_names=[[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers],
+            strict=module.strict_loading,
+            weights_only=weights_only,
+        )
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        module = self.lightning_module
+        local = set(module.state_dict())
+        # A consolidated checkpoint holds every stage: keep this rank's layers.
+        module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in local}, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        names = self._param_names()
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_named_optimizer_state(optimizer, state, names)
+            _optimizer_to_device(optimizer, self.root_device)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_checkpoint(filepath)
 
     # -- collectives ------------------------------------------------------------------------
     @override
@@ -526,7 +650,152 @@ class PPStrategy(ParallelStrategy):
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step("predict_step", args, kwargs, combine="concat")
+        """Streams batches through the pipeline; returns batch ``k``'s output on each replica's first stage.
+
+        Other stages return ``None`` (prediction writers are muted there). See
+        :mod:`lightning_pp.prediction`.
+        """
+        stream, batch_idx = self._predict_stream(args)
+        if stream is None:
+            return self._eval_step("predict_step", args, kwargs, combine="concat")
+        with self.precision_plugin.predict_step_context():
+            return stream.step(batch_idx)
+
+    # -- streaming predict ------------------------------------------------------------------
+    #: Stream predict batches across batch boundaries (``False``: one forward-only
+    #: schedule per batch, the fill/drain bubble every batch; benchmarks compare both).
+    _predict_streaming: bool = True
+    _predict_streams: Optional[dict] = None
+    _muted_writers: Optional[list] = None
+
+    def _predict_feed(self, dataloader_idx: int) -> Any:
+        """The read-ahead feed of predict dataloader ``dataloader_idx``, or ``None`` when not streaming."""
+        from lightning_pp.prediction import PredictFeed
+
+        module = self._lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is None or not trainer.predicting or self._predict_streams is None:
+            return None
+        combined = trainer.predict_loop._combined_loader
+        if combined is None or not 0 <= dataloader_idx < len(combined.flattened):
+            return None
+        feed = combined.flattened[dataloader_idx]
+        return feed if isinstance(feed, PredictFeed) else None
+
+    def _predict_stream(self, args: tuple) -> tuple[Any, int]:
+        """The stream for this ``predict_step`` call (created on a dataloader's first batch), and the batch index."""
+        from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+        from lightning_pp.prediction import PredictStream
+
+        module = self.lightning_module
+        assert module is not None and self._pipelined is not None and self._predict_streams is not None
+        trainer = module.trainer
+        combined = trainer.predict_loop._combined_loader
+        multiple = combined is not None and len(combined.flattened) > 1
+        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
+        rest = args[1:]
+        dataloader_idx = int(rest[-1]) if multiple and rest else 0
+        feed = self._predict_feed(dataloader_idx)
+        if feed is None:
+            return None, 0
+        stream = self._predict_streams.get(dataloader_idx)
+        if stream is None or stream.feed is not feed:
+            feed.limit = trainer.predict_loop.max_batches[dataloader_idx]
+            tail = (dataloader_idx,) if multiple else ()
+
+            def step_args(k: int) -> tuple:
+                return ((k,) if takes_batch_idx else ()) + tail
+
+            def prepare(batch: Any) -> Any:
+                batch = self.precision_plugin.convert_input(batch)
+                return module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+
+            stream = PredictStream(
+                feed,
+                stage=self._pipelined.stages[self.pp_rank],
+                pipelined=self._pipelined,
+                user_step=module.predict_step,
+                step_args=step_args,
+                prepare=prepare,
+                num_microbatches=self.num_microbatches,
+                pp_rank=self.pp_rank,
+                pp_size=self.pp_size,
+                comm=self._comm if self.pp_size > 1 else None,
+                device=self.root_device,
+                platform=platform_for(self.root_device),
+                sequential_name=f"self.{self._pipelined_attr}",
+            )
+            self._predict_streams[dataloader_idx] = stream
+        batch_idx = int(rest[0]) if takes_batch_idx else stream.next_batch
+        return stream, batch_idx
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        from lightning_pp.prediction import PredictFeed
+
+        module = self._lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if self._predict_streaming and self.virtual_stages == 1 and trainer is not None and trainer.predicting:
+            return PredictFeed(dataloader)
+        return super().process_dataloader(dataloader)
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if self._predict_feed(dataloader_idx) is not None:
+            # Deferred host-to-device copy: the pipeline copies each microbatch when it
+            # launches, from pinned memory where the platform can do so asynchronously.
+            return batch
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    @override
+    def on_predict_start(self) -> None:
+        from lightning_pp.prediction import mute_prediction_writers
+
+        self._predict_streams = {}
+        if self.pp_rank != 0:
+            # Only the first stage of a replica holds its predictions.
+            self._muted_writers = mute_prediction_writers(self.lightning_module.trainer.callbacks)
+
+    @override
+    def on_predict_end(self) -> None:
+        from lightning_pp.prediction import unmute_prediction_writers
+
+        unmute_prediction_writers(self._muted_writers or [])
+        self._muted_writers = None
+        for stream in (self._predict_streams or {}).values():
+            stream.close()
+        self._predict_streams = None
+        if self.dp_size > 1:
+            self._gather_replica_predictions()
+
+    def _gather_replica_predictions(self) -> None:
+        """Global rank 0 gets every replica's predictions, as one device would return them."""
+        from lightning_pp.prediction import gather_replica_predictions
+
+        loop = self.lightning_module.trainer.predict_loop
+        if not loop.return_predictions:
+            return
+        combined = loop._combined_loader
+        per_loader = []
+        for i, predictions in enumerate(loop._predictions):
+            sampler = getattr(combined.flattened[i], "batch_sampler", None) if combined is not None else None
+            indices = list(getattr(sampler, "seen_batch_indices", []))[: len(predictions)]
+            per_loader.append((list(predictions), indices, getattr(sampler, "batch_size", None)))
+        payload = per_loader if self.pp_rank == 0 else None
+        gathered: Optional[list[Any]] = [None] * dist.get_world_size() if self.global_rank == 0 else None
+        dist.gather_object(payload, gathered, dst=0)
+        if gathered is None:
+            return
+        replicas = [gathered[d * self.pp_size] for d in range(self.dp_size)]
+        for i, predictions in enumerate(loop._predictions):
+            merged = gather_replica_predictions(
+                [(replica[i][0], replica[i][1]) for replica in replicas], per_loader[i][2]
+            )
+            if merged is None:
+                merged = [batch for replica in replicas for batch in replica[i][0]]
+            # In place: the loop already handed this list to `trainer.predict` as its result.
+            predictions[:] = merged
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -37,7 +37,7 @@ class Recorder(L.Callback):
 
 def _run(cfg: dict, devices: int, strategy) -> dict:
     L.seed_everything(0)
-    model = LitLM()
+    model = LitLM(num_blocks=cfg.get("blocks", 4))
     recorder = Recorder()
     plugins = []
     if cfg.get("fp16"):
@@ -54,6 +54,7 @@ def _run(cfg: dict, devices: int, strategy) -> dict:
         plugins=plugins,
         **trainer_kwargs(
             max_epochs=cfg.get("epochs", 1),
+            max_steps=cfg.get("max_steps", -1),
             precision=cfg.get("precision", None if plugins else "32-true"),
             gradient_clip_val=cfg.get("clip"),
             accumulate_grad_batches=cfg.get("accumulate", 1),
@@ -99,6 +100,7 @@ def _check(results: list[dict], ref: dict, rtol: float = 1e-5, atol: float = 1e-
     merged: dict[str, torch.Tensor] = {}
     for result in results:
         torch.testing.assert_close(result["losses"], ref["losses"], rtol=rtol, atol=atol)
+        assert not set(merged) & set(result["state"]), "each rank must hold only its own stages"
         merged.update(result["state"])
     # Rank 0's progress bar and loggers see the one-device value.
     torch.testing.assert_close(results[0]["logged"], ref["logged"], rtol=rtol, atol=atol)
@@ -114,6 +116,7 @@ CASES = {
     "clip+accumulate": dict(pp=2, m=4, clip=0.05, accumulate=2, epochs=2),
     "more-microbatches-than-rows": dict(pp=2, m=7),
     "strategy-by-name-defaults": dict(pp=2, by_name=True),
+    "max-steps": dict(pp=2, m=2, max_steps=2, epochs=3),
 }
 
 
@@ -156,11 +159,13 @@ def test_two_replicas_of_two_stages_match_ddp():
             torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pp, schedule", [(2, "1F1B"), (3, "1F1B"), (4, "1F1B"), (3, "GPipe"), (3, "Interleaved1F1B")])
+@pytest.mark.parametrize("pp", [2, 3, 4])
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B"])
 def test_every_send_waiting_for_its_receive_still_completes(pp, schedule):
     """The XCCL model: with parity ordering, no cycle of blocked senders forms."""
     world = pp
-    cfg = dict(pp=pp, m=4, schedule=schedule, blocking=True)
+    # Interleaved at pp=4 has 8 stages: give the model enough layers.
+    cfg = dict(pp=pp, m=4, schedule=schedule, blocking=True, blocks=6)
     results = run_on_ranks(_pp_rank, world, cfg, init_process_group=False, timeout=240)
     assert all(r["sends"] > 0 for r in results)
     _check(results, _reference(cfg))

@@ -1,0 +1,138 @@
+"""Streaming pipelined ``trainer.predict`` against one device, with simulated compute.
+
+Each of the 4 layers sleeps in proportion to its rows (``--layer-ms`` for a whole
+batch of 16 rows), so the measurement is about the pipeline (its bubbles, its
+communication, Lightning's per-batch work) and not about 2 CPU cores shared by
+4 processes. 24 batches of 16 rows, 4 microbatches per batch.
+
+* one device: ``Trainer(devices=1).predict``: every layer of every batch in turn.
+* pp=4 streaming (the default ``PPStrategy``): microbatches of the next batch
+  enter while the previous one drains; ideal speed-up ``p`` (4.0x) less one
+  fill/drain for the whole run.
+* pp=4 per batch (``strategy._predict_streaming = False``): one forward-only
+  schedule per batch, so every batch pays the bubble: at best
+  ``p * m / (m + p - 1)`` (2.3x here).
+
+    python benchmarks/bench_predict.py
+    python benchmarks/bench_predict.py --layer-ms 20 --batches 12
+
+Prints the wall time of the predict loop (``on_predict_start`` to ``on_predict_end``
+on global rank 0) and the speed-up over one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+
+import lightning as L
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROWS = 16
+
+
+class SleepLayer(nn.Module):
+    """Stands in for a layer whose cost grows with its rows."""
+
+    def __init__(self, batch_s: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+        self.batch_s = batch_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.batch_s * x.shape[0] / ROWS)
+        return x * self.weight
+
+
+class SleepModel(L.LightningModule):
+    def __init__(self, num_layers: int, batch_s: float) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[SleepLayer(batch_s) for _ in range(num_layers)])
+
+    def predict_step(self, batch, batch_idx):
+        return self.layers(batch)
+
+
+class LoopTimer(L.Callback):
+    def on_predict_start(self, trainer, pl_module):
+        trainer.strategy.barrier()
+        self.start = time.perf_counter()
+
+    def on_predict_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def _predict(args: argparse.Namespace, devices: int, streaming: bool = True) -> tuple[float, torch.Tensor]:
+    from lightning_pp import PPStrategy
+
+    torch.set_num_threads(1)
+    model = SleepModel(args.layers, args.layer_ms / 1000)
+    loader = DataLoader(torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8), batch_size=ROWS)
+    strategy: object = "auto"
+    if devices > 1:
+        balance = [args.layers // devices] * devices
+        strategy = PPStrategy(pipeline_parallel_size=devices, num_microbatches=args.m, balance=balance)
+        strategy._predict_streaming = streaming  # type: ignore[attr-defined]
+    timer = LoopTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, callbacks=[timer], logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    predictions = trainer.predict(model, loader)
+    return timer.seconds, torch.cat(predictions) if trainer.is_global_zero else torch.empty(0)
+
+
+def _rank(rank: int, args: argparse.Namespace, port: int, queue: "mp.Queue") -> None:
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "RANK": str(rank),
+         "LOCAL_RANK": str(rank), "WORLD_SIZE": str(args.pp), "PYTHONWARNINGS": "ignore"}
+    )
+    results = {mode: _predict(args, args.pp, streaming=mode == "streaming") for mode in ("streaming", "per-batch")}
+    if rank == 0:
+        queue.put(pickle.dumps(results))  # by value: shared-memory tensors die with this process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--m", type=int, default=4, help="microbatches per batch")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--layer-ms", type=float, default=40.0, help="one layer's sleep for a whole batch of 16 rows")
+    args = parser.parse_args()
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, args, port, queue)) for r in range(args.pp)]
+    for p in procs:
+        p.start()
+    pipelined = pickle.loads(queue.get(timeout=600))
+    for p in procs:
+        p.join()
+    single, expected = _predict(args, 1)
+
+    p, m = args.pp, args.m
+    print(f"{args.batches} batches x {ROWS} rows, {args.layers} layers of {args.layer_ms:.0f} ms per batch, "
+          f"pp={p}, m={m}")
+    print(f"{'run':22} {'seconds':>8} {'speed-up':>9}  {'same output':>11}")
+    print(f"{'one device':22} {single:8.2f} {1.0:8.2f}x")
+    for mode in ("streaming", "per-batch"):
+        seconds, output = pipelined[mode]
+        same = torch.equal(output, expected)
+        print(f"{'pp=%d %s' % (p, mode):22} {seconds:8.2f} {single / seconds:8.2f}x  {str(same):>11}")
+    print(f"ideal {float(p):.2f}x; a bubble every batch caps it at p*m/(m+p-1) = {p * m / (m + p - 1):.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

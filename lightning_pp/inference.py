@@ -1,0 +1,366 @@
+"""Streaming forward-only pipeline: microbatches flow through the stages without a per-batch drain.
+
+Training runs one schedule per batch and pays the fill/drain bubble every step;
+inference has no backward to wait for, so it can treat a whole prediction run as
+one endless stream of microbatches (numbered ``g = 0, 1, 2, ...`` across batch
+boundaries). At tick ``t`` pipeline rank ``s`` forwards microbatch ``t - s``; the
+last stage's result goes back to the first stage, which is where the caller wants
+it. Four stages, batches of two microbatches (``a0 a1 | b0 b1 | c0 c1``)::
+
+    tick     0   1   2   3   4   5   6   7   8
+    rank 0  a0  a1  b0  b1  c0  c1   .   .   .     launches b0 while a drains
+    rank 1   .  a0  a1  b0  b1  c0  c1   .   .
+    rank 2   .   .  a0  a1  b0  b1  c0  c1   .
+    rank 3   .   .   .  a0  a1  b0  b1  c0  c1  -> result of g goes to rank 0
+                          ^ a complete on rank 0 after tick 4
+
+Only the start and the end of the run pay the ``p - 1`` tick bubble; a per-batch
+schedule would pay it for every batch (efficiency ``m / (m + p - 1)``).
+
+After each tick every rank takes part in one *ring exchange*: it sends its output
+to the next rank (the last rank sends the result to rank 0) and receives the
+next input from the previous rank (rank 0 receives a result from the last rank).
+That ring is where a backend whose send waits for its receiver livelocks if every
+rank sends first (SGLang's XPU pipeline, PR 23645). Here even ranks send first and
+odd ranks receive first, so every edge of the ring has a waiting receiver or a
+sender that is not itself waiting: with an odd ``pp_size`` the wrap-around edge
+joins two even ranks, and rank 0 still completes because rank ``p - 1``'s send is
+the second thing rank 0 does, after its own send to odd rank 1 went through.
+:func:`replay_ring` checks this for any size without processes.
+
+Communication overlaps compute. With ``lag=2`` (the default over several ranks)
+rank ``s`` forwards microbatch ``g`` at tick ``g + 2 s``: an activation made at
+tick ``t`` is needed only at tick ``t + 2``, so a communication thread runs the
+exchange of tick ``t`` while the compute thread runs tick ``t + 1``. The period
+of a tick is then the larger of compute and communication, not their sum; the
+price is ``p - 1`` more ticks of fill, once per run. The exchange order is the
+same parity order, walked by one thread per rank, so the deadlock argument holds.
+
+This module knows nothing of Lightning: :class:`StreamingPipeline` takes the
+rank's stage, a :class:`~lightning_pp.p2p.PipeComm` and three callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import queue
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from lightning_pp.p2p import PayloadError, PipeComm, flatten_payload
+
+__all__ = ["RingDeadlock", "StreamingPipeline", "Transfer", "replay_ring", "ring_exchange"]
+
+Exists = Callable[[int], bool]
+
+
+class RingDeadlock(RuntimeError):
+    """A ring exchange order that cannot complete when every send waits for its receiver."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """One send or receive of a ring exchange.
+
+    Args:
+        op: ``"send"`` or ``"recv"``.
+        what: ``"activation"`` (stage ``s`` to ``s + 1``) or ``"result"`` (last stage to rank 0).
+        peer: pipeline rank on the other side.
+        microbatch: stream-wide microbatch index ``g``.
+    """
+
+    op: str
+    what: str
+    peer: int
+    microbatch: int
+
+
+def ring_exchange(
+    pp_rank: int, pp_size: int, tick: int, exists: Exists, *, parity: bool = True, lag: int = 1
+) -> tuple[Transfer, ...]:
+    """The transfers rank ``pp_rank`` makes right after tick ``tick``, in the order it makes them.
+
+    Args:
+        pp_rank: this rank's position in the pipeline.
+        pp_size: number of pipeline ranks.
+        tick: the tick just computed.
+        exists: whether stream microbatch ``g`` exists (the stream may end).
+        parity: even ranks send first and odd ranks receive first (the default).
+            ``False`` sends first everywhere, which deadlocks under blocking sends
+            (kept so tests can show :func:`replay_ring` catching it).
+        lag: ticks between a microbatch's forwards on neighbouring ranks: rank ``s``
+            forwards microbatch ``g`` at tick ``g + lag * s``. With ``lag=2`` the
+            activation received after tick ``t`` is used at tick ``t + 2``.
+    """
+    if pp_size == 1:
+        return ()
+    s, last = pp_rank, pp_size - 1
+
+    def live(g: int) -> bool:
+        return g >= 0 and exists(g)
+
+    sends, recvs = [], []
+    mine, previous = tick - lag * s, tick - lag * (s - 1)
+    if live(mine):  # what this rank computed at this tick
+        sends.append(Transfer("send", "activation", s + 1, mine) if s < last else Transfer("send", "result", 0, mine))
+    if s > 0 and live(previous):  # what the previous rank computed at this tick
+        recvs.append(Transfer("recv", "activation", s - 1, previous))
+    if s == 0 and live(tick - lag * last):  # the result the last rank just produced
+        recvs.append(Transfer("recv", "result", last, tick - lag * last))
+    ordered = sends + recvs if (s % 2 == 0 or not parity) else recvs + sends
+    return tuple(ordered)
+
+
+def replay_ring(pp_size: int, num_microbatches: int, *, parity: bool = True, lag: int = 1) -> int:
+    """Replays a whole stream of ``num_microbatches`` with blocking sends; returns the transfers made.
+
+    Each rank walks its transfers in order; a send completes only together with
+    the peer's matching receive (a rendezvous), as on XCCL.
+
+    Raises:
+        RingDeadlock: some ranks wait on each other forever, or a send meets a
+            receive of a different message.
+    """
+    exists = lambda g: g < num_microbatches  # noqa: E731
+    num_ticks = num_microbatches + lag * (pp_size - 1)
+    queues = [
+        [tr for t in range(num_ticks) for tr in ring_exchange(r, pp_size, t, exists, parity=parity, lag=lag)]
+        for r in range(pp_size)
+    ]
+    heads = [0] * pp_size
+    done = 0
+    while any(heads[r] < len(queues[r]) for r in range(pp_size)):
+        moved = False
+        for r in range(pp_size):
+            if heads[r] >= len(queues[r]):
+                continue
+            mine = queues[r][heads[r]]
+            if mine.op != "send":
+                continue
+            peer = mine.peer
+            if heads[peer] >= len(queues[peer]):
+                continue
+            theirs = queues[peer][heads[peer]]
+            if theirs.op == "recv" and theirs.peer == r:
+                if (theirs.what, theirs.microbatch) != (mine.what, mine.microbatch):
+                    raise RingDeadlock(f"rank {r} sends {mine} but rank {peer} receives {theirs}")
+                heads[r] += 1
+                heads[peer] += 1
+                done += 1
+                moved = True
+        if not moved:
+            waiting = {r: str(queues[r][heads[r]]) for r in range(pp_size) if heads[r] < len(queues[r])}
+            raise RingDeadlock(
+                f"pp_size={pp_size}, m={num_microbatches}: no transfer can complete; ranks wait on {waiting}"
+            )
+    return done
+
+
+def _encode_result(result: Any) -> Any:
+    """Results are usually tensors; anything else travels pickled in a byte tensor."""
+    try:
+        flatten_payload(result)
+        return (torch.tensor(0), result)
+    except PayloadError:
+        data = pickle.dumps(_to_cpu(result))
+        return (torch.tensor(1), torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def _decode_result(payload: Any) -> Any:
+    flag, body = payload
+    if int(flag.item()) == 0:
+        return body
+    return pickle.loads(body.cpu().numpy().tobytes())
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class StreamingPipeline:
+    """One rank's part of a streaming forward-only pipeline.
+
+    Args:
+        stage: this rank's layers (``pp_size`` stages, one per rank).
+        pp_rank: this rank's position in the pipeline.
+        pp_size: number of pipeline ranks.
+        comm: the point-to-point channel (``None`` only when ``pp_size == 1``).
+        exists: whether stream microbatch ``g`` exists; asked on every rank in the
+            same order (from the calling thread only), so all ranks must answer
+            alike (they read the same data).
+        launch: first rank only: runs microbatch ``g``'s step up to the pipelined
+            call and returns the first stage's output (with ``pp_size == 1``:
+            returns the step's result).
+        finish: last rank only: ``finish(g, activation)`` runs microbatch ``g``'s
+            whole step with the pipelined call answered by the last stage applied
+            to ``activation``; returns the step's result.
+        on_result: first rank only: receives ``(g, result)`` for every microbatch, in order.
+        overlap: run the ring exchanges on a communication thread, one tick behind
+            compute (``lag=2``); ``False`` runs them inline (``lag=1``).
+        platform: records an event after each compute that the communication thread
+            waits on before sending (device work is asynchronous).
+        timeout: longest wait, in seconds, for the communication thread.
+    """
+
+    def __init__(
+        self,
+        stage: nn.Module,
+        pp_rank: int,
+        pp_size: int,
+        comm: Optional[PipeComm],
+        *,
+        exists: Exists,
+        launch: Callable[[int], Any],
+        finish: Callable[[int, Any], Any],
+        on_result: Callable[[int, Any], None],
+        overlap: bool = True,
+        platform: Optional[Any] = None,
+        timeout: float = 1800.0,
+    ) -> None:
+        if pp_size > 1 and comm is None:
+            raise ValueError("A streaming pipeline over several ranks needs a PipeComm.")
+        self.stage = stage
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.comm = comm
+        self.exists = exists
+        self.launch, self.finish, self.on_result = launch, finish, on_result
+        self.overlap = overlap and pp_size > 1
+        self.lag = 2 if self.overlap else 1
+        self.platform = platform
+        self.timeout = timeout
+        #: The next tick to run.
+        self.tick = 0
+        self._inputs: dict[int, Any] = {}
+        #: Most activations (received inputs plus outputs waiting to go) held at once.
+        self.peak_live_activations = 0
+        self._cond = threading.Condition()
+        self._exchanged = -1  # last tick whose exchange completed
+        self._error: Optional[BaseException] = None
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._in_flight = 0  # outputs handed to the communication thread, not yet sent
+
+    def completion_tick(self, microbatch: int) -> int:
+        """The last tick to run before rank 0 holds the result of ``microbatch``."""
+        return microbatch + self.lag * (self.pp_size - 1)
+
+    def run_until(self, last_tick: int, *, wait: bool = True) -> None:
+        """Runs ticks ``self.tick .. last_tick``.
+
+        Args:
+            last_tick: the last tick to compute.
+            wait: return only once the exchanges up to ``last_tick`` completed (rank 0
+                needs that for its results); ``False`` leaves them to the
+                communication thread, so the caller can go on computing.
+        """
+        s, last = self.pp_rank, self.pp_size - 1
+        while self.tick <= last_tick:
+            t, g = self.tick, self.tick - self.lag * self.pp_rank
+            output = None
+            if g >= 0 and self.exists(g):
+                if s == 0 and s == last:
+                    self.on_result(g, self.launch(g))
+                elif s == 0:
+                    output = self.launch(g)
+                elif s == last:
+                    output = self.finish(g, self._take_input(g))
+                else:
+                    output = self.stage(self._take_input(g))
+            transfers = ring_exchange(s, self.pp_size, t, self.exists, lag=self.lag)
+            if self.overlap:
+                self._hand_over(t, transfers, output)
+            else:
+                self._note_peak(1 if output is not None else 0)
+                self._exchange(t, transfers, output)
+            self.tick += 1
+        if wait:
+            self._wait(lambda: self._exchanged >= last_tick or self.pp_size == 1, f"the exchange of tick {last_tick}")
+
+    def close(self) -> None:
+        """Stops the communication thread (after the exchanges handed to it)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
+        if self._error is not None:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: the communication thread failed") from self._error
+
+    # -- inside ------------------------------------------------------------------------------
+    def _note_peak(self, outputs: int) -> None:
+        with self._cond:
+            live = len(self._inputs) + outputs
+        self.peak_live_activations = max(self.peak_live_activations, live)
+
+    def _take_input(self, g: int) -> Any:
+        self._wait(lambda: g in self._inputs, f"the input of microbatch {g}")
+        with self._cond:
+            return self._inputs.pop(g)
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._error is not None or ready(), timeout=self.timeout):
+                raise TimeoutError(f"pipeline rank {self.pp_rank} waited {self.timeout:.0f} s for {what}")
+            if self._error is not None:
+                raise RuntimeError(f"pipeline rank {self.pp_rank}: the communication thread failed") from self._error
+
+    def _hand_over(self, tick: int, transfers: tuple[Transfer, ...], output: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._communicate,
+                args=(torch.is_inference_mode_enabled(),),
+                name="lightning_pp-ring",
+                daemon=True,
+            )
+            self._thread.start()
+        event = None
+        if output is not None and self.platform is not None:
+            event = self.platform.event()
+            self.platform.record(event)
+        self._note_peak(self._queue.qsize() + (1 if output is not None else 0))
+        self._queue.put((tick, transfers, output, event))
+
+    def _communicate(self, inference: bool) -> None:
+        with torch.inference_mode(inference):
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                tick, transfers, output, event = item
+                try:
+                    if event is not None:
+                        event.synchronize()  # the compute that made `output` has finished
+                    self._exchange(tick, transfers, output)
+                except BaseException as error:  # noqa: BLE001 - handed to the compute thread
+                    with self._cond:
+                        self._error = error
+                        self._cond.notify_all()
+                    return
+
+    def _exchange(self, tick: int, transfers: tuple[Transfer, ...], output: Any) -> None:
+        assert self.comm is not None or not transfers
+        for transfer in transfers:
+            g = transfer.microbatch
+            if transfer.op == "send" and transfer.what == "activation":
+                self.comm.send(output, transfer.peer, where=f"the output of pipeline stage {self.pp_rank}")
+            elif transfer.op == "send":
+                self.comm.send(_encode_result(output), transfer.peer, where="a prediction")
+            elif transfer.what == "activation":
+                received = self.comm.recv(transfer.peer)
+                with self._cond:
+                    self._inputs[g] = received
+                    self._cond.notify_all()
+            else:
+                self.on_result(g, _decode_result(self.comm.recv(transfer.peer)))
+        with self._cond:
+            self._exchanged = tick
+            self._cond.notify_all()

@@ -1,0 +1,413 @@
+"""Lightning glue for streaming pipelined ``trainer.predict``.
+
+Lightning calls ``predict_step`` once per batch, on every rank in lockstep. To
+keep the pipeline full across batch boundaries the first stage must start batch
+``k + 1`` while batch ``k`` drains, before Lightning has handed it over. So:
+
+* :class:`PredictFeed` wraps the predict dataloader (``Strategy.process_dataloader``)
+  and lets the pipeline read batches ahead of Lightning; Lightning still receives
+  every batch, in order, from the same feed.
+* :class:`PredictStream` (one per dataloader) turns batches into stream
+  microbatches and drives :class:`~lightning_pp.inference.StreamingPipeline`:
+  ``predict_step(k)`` runs ticks until batch ``k``'s last microbatch is back on
+  the first stage, which returns batch ``k``'s output; the microbatches of the
+  next batches are already in flight.
+
+Inputs stay on the host (pinned where the platform can copy asynchronously) until
+their microbatch launches; only then are they copied to the device. Lightning's
+own copy of the batch (``batch_to_device``) is skipped for predict, and no code
+path reads a microbatch that is not there: a missing one raises.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lightning_pp.engine import SequentialCallError
+from lightning_pp.inference import StreamingPipeline
+from lightning_pp.microbatch import batch_rows, split_microbatches
+from lightning_pp.p2p import PipeComm
+from lightning_pp.platform import Platform
+from lightning_pp.step_outputs import concat_outputs
+
+__all__ = ["PredictFeed", "PredictStream", "gather_replica_predictions", "mute_prediction_writers"]
+
+
+class PredictFeed:
+    """A predict dataloader that the pipeline may read ahead of Lightning.
+
+    Iterating it (Lightning does) yields the loader's batches in order. While an
+    iteration is open, :meth:`get` returns batch ``i`` for the pipeline, reading
+    from the loader as far as needed; a batch is dropped once both sides had it.
+    Other attributes (``batch_sampler``, ``dataset``, ...) are the loader's, so
+    Lightning still finds the batch indices it gives prediction writers.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.limit: float = float("inf")
+        self._iterator: Optional[Iterator[Any]] = None
+        self._batches: dict[int, Any] = {}
+        self._num_read = 0
+        self._exhausted = False
+        self._delivered = 0  # batches Lightning has taken
+        self._taken = 0  # batches the pipeline has taken
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Starts a new pass over the loader (for Lightning and the pipeline alike)."""
+        self._iterator = iter(self.loader)
+        self._batches.clear()
+        self._num_read, self._delivered, self._taken = 0, 0, 0
+        self._exhausted = False
+        return _FeedIterator(self)
+
+    def _next(self) -> Any:
+        if not self._has(self._delivered):
+            raise StopIteration
+        batch = self._batches[self._delivered]
+        self._delivered += 1
+        self._forget()
+        return batch
+
+    def get(self, index: int) -> Optional[Any]:
+        """Batch ``index`` for the pipeline, or ``None`` past the end (or Lightning's limit)."""
+        if not self._has(index):
+            return None
+        batch = self._batches[index]
+        self._taken = max(self._taken, index + 1)
+        self._forget()
+        return batch
+
+    def _has(self, index: int) -> bool:
+        if self._iterator is None:
+            raise RuntimeError("PredictFeed.get() before Lightning started iterating the predict dataloader.")
+        while self._num_read <= index and not self._exhausted and self._num_read < self.limit:
+            try:
+                self._batches[self._num_read] = next(self._iterator)
+                self._num_read += 1
+            except StopIteration:
+                self._exhausted = True
+        return index < self._num_read
+
+    def _forget(self) -> None:
+        for i in [i for i in self._batches if i < min(self._delivered, self._taken)]:
+            del self._batches[i]
+
+
+class _FeedIterator:
+    """Lightning's side of a pass: ``iter()`` on it must not start the pass over."""
+
+    def __init__(self, feed: PredictFeed) -> None:
+        self.feed = feed
+
+    def __iter__(self) -> "_FeedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        return self.feed._next()
+
+
+def _tensor_leaves_to(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    return apply_to_collection(obj, torch.Tensor, fn)
+
+
+class PredictStream:
+    """Streams one predict dataloader's batches through the pipeline.
+
+    Args:
+        feed: the wrapped dataloader.
+        stage: this rank's pipeline stage.
+        pipelined: the module's ``PipelinedSequential`` (its ``handler`` answers the user's call).
+        user_step: the LightningModule's ``predict_step``.
+        step_args: builds the step's extra positional args for batch ``k`` (batch index, dataloader index).
+        prepare: Lightning's host-side batch hooks (``convert_input``, ``on_before_batch_transfer``).
+        num_microbatches: microbatches per batch (fewer for a batch with fewer rows).
+        pp_rank, pp_size, comm: the pipeline.
+        device: where microbatches run.
+        platform: pins host inputs and copies them to ``device``.
+        sequential_name: how the user knows the Sequential, for error messages.
+    """
+
+    def __init__(
+        self,
+        feed: PredictFeed,
+        *,
+        stage: torch.nn.Module,
+        pipelined: Any,
+        user_step: Callable[..., Any],
+        step_args: Callable[[int], tuple],
+        prepare: Callable[[Any], Any],
+        num_microbatches: int,
+        pp_rank: int,
+        pp_size: int,
+        comm: Optional[PipeComm],
+        device: torch.device,
+        platform: Platform,
+        sequential_name: str,
+    ) -> None:
+        self.feed = feed
+        self.pipelined = pipelined
+        self.user_step, self.step_args, self.prepare = user_step, step_args, prepare
+        self.num_microbatches = num_microbatches
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.device, self.platform = device, platform
+        self.sequential_name = sequential_name
+        self._needs_data = pp_rank in (0, pp_size - 1)
+        self._starts: list[int] = [0]  # _starts[k] = first stream microbatch of batch k
+        self._host: dict[int, Any] = {}  # stream microbatch -> host microbatch (first/last rank)
+        self._results: dict[int, Any] = {}
+        self._done = False
+        self._next_batch = 0  # the batch predict_step expects next
+        self.pipeline = StreamingPipeline(
+            stage,
+            pp_rank,
+            pp_size,
+            comm,
+            exists=self._exists,
+            launch=self._launch,
+            finish=self._finish,
+            on_result=self._results.__setitem__,
+            platform=platform,
+        )
+
+    # -- reading ahead -------------------------------------------------------------------
+    def _read_batch(self) -> bool:
+        """Reads the next batch from the feed and registers its microbatches."""
+        k = len(self._starts) - 1
+        batch = None if self._done else self.feed.get(k)
+        if batch is None:
+            self._done = True
+            return False
+        batch = self.prepare(batch)
+        rows = batch_rows(batch)
+        parts = split_microbatches(batch, min(self.num_microbatches, rows))
+        if self._needs_data:
+            for j, part in enumerate(parts):
+                self._host[self._starts[k] + j] = _tensor_leaves_to(part, self.platform.pin)
+        self._starts.append(self._starts[k] + len(parts))
+        return True
+
+    def _exists(self, g: int) -> bool:
+        while g >= self._starts[-1]:
+            if not self._read_batch():
+                return False
+        return True
+
+    def _batch_of(self, g: int) -> int:
+        lo, hi = 0, len(self._starts) - 2
+        while lo < hi:  # last k with _starts[k] <= g
+            mid = (lo + hi + 1) // 2
+            if self._starts[mid] <= g:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # -- running the user's step -----------------------------------------------------------
+    def _device_microbatch(self, g: int) -> Any:
+        """Deferred host-to-device copy: a microbatch reaches the device only when it launches."""
+        if g not in self._host:
+            raise RuntimeError(
+                f"pipeline rank {self.pp_rank}: stream microbatch {g} has no input on the host; it was either never "
+                "read or already released."
+            )
+        # Each of the first and last rank runs a microbatch's step once: the host copy goes now.
+        return _tensor_leaves_to(self._host.pop(g), lambda t: self.platform.to_device(t, self.device))
+
+    def _launch(self, g: int) -> Any:
+        microbatch = self._device_microbatch(g)
+        args = self.step_args(self._batch_of(g))
+        if self.pp_size == 1:
+            return self._run_with(microbatch, args, self._call_whole())
+        captured: list[Any] = []
+
+        def call_first(x: Any) -> Any:
+            captured.append(self.pipeline.stage(x))
+            raise _StageBoundary
+
+        try:
+            self._run_with(microbatch, args, call_first)
+        except _StageBoundary:
+            return captured[0]
+        raise SequentialCallError(self._call_message("not at all"))
+
+    def _call_whole(self) -> Callable[[Any], Any]:
+        calls = 0
+
+        def call(x: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise SequentialCallError(self._call_message("more than once"))
+            return self.pipeline.stage(x)
+
+        return call
+
+    def _finish(self, g: int, activation: Any) -> Any:
+        microbatch = self._device_microbatch(g)
+        calls = 0
+
+        def call_last(_first_stage_input: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise SequentialCallError(self._call_message("more than once"))
+            return self.pipeline.stage(activation)
+
+        result = self._run_with(microbatch, self.step_args(self._batch_of(g)), call_last)
+        if calls == 0:
+            raise SequentialCallError(self._call_message("not at all"))
+        return result
+
+    def _run_with(self, microbatch: Any, args: tuple, handler: Callable[[Any], Any]) -> Any:
+        self.pipelined.handler = handler
+        try:
+            return self.user_step(microbatch, *args)
+        finally:
+            self.pipelined.handler = None
+
+    def _call_message(self, how: str) -> str:
+        return (
+            f"predict_step called {self.sequential_name} {how}. A pipelined step must call the pipelined "
+            "nn.Sequential exactly once (its layers are spread over the pipeline ranks)."
+        )
+
+    def close(self) -> None:
+        """Stops the pipeline's communication thread."""
+        self.pipeline.close()
+
+    # -- one Lightning step --------------------------------------------------------------
+    @property
+    def next_batch(self) -> int:
+        """The batch index :meth:`step` expects next."""
+        return self._next_batch
+
+    def step(self, batch_idx: int) -> Any:
+        """Runs until batch ``batch_idx`` is complete; returns its output on the first rank, else ``None``."""
+        if batch_idx != self._next_batch:
+            raise RuntimeError(
+                f"PPStrategy's streaming predict expected batch {self._next_batch} but Lightning asked for "
+                f"{batch_idx}. "
+                "Batches must be predicted in order, each once."
+            )
+        self._next_batch += 1
+        if not self._exists(self._starts[batch_idx]):
+            raise RuntimeError(
+                f"batch {batch_idx} is missing from the predict dataloader on pipeline rank {self.pp_rank}"
+            )
+        first, end = self._starts[batch_idx], self._starts[batch_idx + 1]
+        # Only rank 0 waits for the exchanges to finish (it needs the results); the
+        # others go straight on to the next batch while their sends complete.
+        self.pipeline.run_until(self.pipeline.completion_tick(end - 1), wait=self.pp_rank == 0)
+        for g in range(first, end):
+            self._host.pop(g, None)
+        if self.pp_rank != 0:
+            return None
+        outputs = [self._results.pop(g) for g in range(first, end)]
+        return concat_outputs(outputs)
+
+
+class _StageBoundary(BaseException):
+    # A BaseException, so a user's `except Exception:` cannot swallow the signal that
+    # the first stage's part of the step is done.
+    pass
+
+
+# -- writers and data-parallel results ---------------------------------------------------------
+def mute_prediction_writers(callbacks: Sequence[Any]) -> list[Any]:
+    """Silences ``BasePredictionWriter`` callbacks on a rank that holds no predictions.
+
+    Returns the writers muted, for :func:`unmute_prediction_writers`.
+    """
+    muted = []
+    for callback in callbacks:
+        if isinstance(callback, BasePredictionWriter):
+            callback.write_on_batch_end = _skip  # type: ignore[method-assign]
+            callback.write_on_epoch_end = _skip  # type: ignore[method-assign]
+            muted.append(callback)
+    return muted
+
+
+def unmute_prediction_writers(writers: Sequence[Any]) -> None:
+    for writer in writers:
+        for name in ("write_on_batch_end", "write_on_epoch_end"):
+            writer.__dict__.pop(name, None)
+
+
+def _skip(*_: Any, **__: Any) -> None:
+    return None
+
+
+def _row_count(output: Any) -> Optional[int]:
+    if isinstance(output, torch.Tensor):
+        return output.shape[0] if output.dim() > 0 else None
+    if isinstance(output, dict):
+        counts = [_row_count(v) for v in output.values()]
+    elif isinstance(output, (list, tuple)):
+        counts = [_row_count(v) for v in output]
+    else:
+        return None
+    counts = [c for c in counts if c is not None]
+    return counts[0] if counts else None
+
+
+def _select_row(output: Any, i: int) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output[i : i + 1] if output.dim() > 0 else output
+    if isinstance(output, dict):
+        return type(output)((k, _select_row(v, i)) for k, v in output.items())
+    if isinstance(output, (list, tuple)):
+        return type(output)(_select_row(v, i) for v in output)
+    return output
+
+
+def gather_replica_predictions(
+    replicas: Sequence[tuple[list[Any], list[list[int]]]], batch_size: Optional[int]
+) -> Optional[list[Any]]:
+    """Merges data-parallel replicas' predictions into what one device returns.
+
+    Args:
+        replicas: per replica, its per-batch outputs and the dataset indices of each batch.
+        batch_size: the one-device batch size (``None``: the largest batch seen).
+
+    Returns:
+        Per-batch outputs over the whole dataset in dataset-index order, each index
+        once (a distributed sampler's padding duplicates are dropped), batched as one
+        device batches them; ``None`` when rows cannot be regrouped (non-tensor
+        outputs, or shapes that differ between batches).
+    """
+    rows: dict[int, Any] = {}
+    largest = 0
+    for outputs, indices in replicas:
+        if len(outputs) != len(indices):
+            return None
+        for output, batch_indices in zip(outputs, indices):
+            if _row_count(output) != len(batch_indices):
+                return None
+            largest = max(largest, len(batch_indices))
+            for i, index in enumerate(batch_indices):
+                rows.setdefault(index, _select_row(output, i))
+    size = batch_size or largest
+    ordered = [rows[i] for i in sorted(rows)]
+    try:
+        return [concat_outputs(ordered[j : j + size]) for j in range(0, len(ordered), size)]
+    except RuntimeError:
+        warnings.warn(
+            "PPStrategy could not regroup data-parallel predictions into one-device batches (their shapes differ "
+            "between batches); rank 0 returns each replica's batches instead.",
+            stacklevel=2,
+        )
+        return None

@@ -1,0 +1,106 @@
+"""Pictures of pipeline schedules: planned (from action lists) or measured (from a trace).
+
+Draws the classic pipeline diagram: one row per pipeline rank, time to the right,
+a box per forward (light) and backward (dark) labelled with its microbatch, and the
+idle gaps left blank. The title gives the bubble fraction against the ideal
+``(p - 1) / (v m + p - 1)``. matplotlib is optional (``pip install lightning_pp[plot]``)
+and imported only here, only when drawing.
+
+    from lightning_pp.schedules import build_schedule
+    from lightning_pp.timeline import draw_schedule
+    draw_schedule(build_schedule("1f1b", 4, 8), "1f1b.png")   # nothing runs
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from lightning_pp.schedule_sim import TimedAction, bubble_fraction, ideal_bubble_fraction, simulate
+from lightning_pp.schedules import Op, Schedule
+
+__all__ = ["draw_schedule", "draw_timeline"]
+
+_COLORS = {Op.FORWARD: "#8ecae6", Op.BACKWARD: "#219ebc"}
+_COMM_COLOR = "#ffb703"
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Drawing timelines needs matplotlib: pip install 'lightning_pp[plot]' (or pip install matplotlib)."
+        ) from error
+    return plt
+
+
+def draw_timeline(
+    timeline: Sequence[Sequence[TimedAction]],
+    path: str,
+    *,
+    title: str,
+    ideal_bubble: Optional[float] = None,
+    show_comm: bool = False,
+    time_unit: str = "ticks",
+) -> float:
+    """Draws per-rank timed actions to ``path`` (PNG) and returns the bubble fraction shown.
+
+    Args:
+        timeline: ``timeline[r]`` is rank ``r``'s executed actions.
+        title: first line of the title.
+        ideal_bubble: the schedule's textbook bubble, printed beside the measured one.
+        show_comm: also draw sends/receives (thin boxes), e.g. for measured traces.
+        time_unit: axis label.
+    """
+    plt = _pyplot()
+    bubble = bubble_fraction(timeline)
+    events = [e for rank_events in timeline for e in rank_events]
+    origin = min((e.start for e in events), default=0.0)
+    span = max((e.end for e in events), default=1.0) - origin
+    fig, ax = plt.subplots(figsize=(max(8.0, min(24.0, 0.25 * len(events) / max(len(timeline), 1) + 6)), 0.7 * len(timeline) + 1.6))
+    for rank, rank_events in enumerate(timeline):
+        for e in rank_events:
+            start, width = e.start - origin, max(e.end - e.start, span * 1e-4)
+            if e.action.op.is_compute:
+                ax.broken_barh([(start, width)], (rank - 0.4, 0.8), facecolors=_COLORS[e.action.op], edgecolors="white")
+                if width > span / 80:
+                    ax.text(start + width / 2, rank, str(e.action.microbatch), ha="center", va="center", fontsize=7,
+                            color="black" if e.action.op is Op.FORWARD else "white")
+            elif show_comm:
+                ax.broken_barh([(start, width)], (rank + 0.3, 0.1), facecolors=_COMM_COLOR)
+    ax.set_yticks(range(len(timeline)))
+    ax.set_yticklabels([f"rank {r}" for r in range(len(timeline))])
+    ax.invert_yaxis()
+    ax.set_xlim(0, span)
+    ax.set_xlabel(time_unit)
+    subtitle = f"bubble {bubble:.1%}"
+    if ideal_bubble is not None:
+        subtitle += f" (ideal (p-1)/(vm+p-1) = {ideal_bubble:.1%})"
+    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[Op.FORWARD]), plt.Rectangle((0, 0), 1, 1, color=_COLORS[Op.BACKWARD])]
+    labels = ["forward", "backward"]
+    if show_comm:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color=_COMM_COLOR))
+        labels.append("send/recv")
+    ax.legend(handles, labels, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=len(labels), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return bubble
+
+
+def draw_schedule(
+    schedule: Schedule, path: str, *, forward_time: float = 1.0, backward_time: float = 2.0
+) -> float:
+    """Draws ``schedule`` as planned, without running anything; returns its bubble fraction."""
+    timeline = simulate(schedule, forward_time=forward_time, backward_time=backward_time)
+    title = (
+        f"{schedule.name}: pp={schedule.pp_size}, m={schedule.num_microbatches}"
+        + (f", v={schedule.virtual_stages}" if schedule.virtual_stages > 1 else "")
+        + f" (planned, F={forward_time:g}, B={backward_time:g})"
+    )
+    ideal = ideal_bubble_fraction(schedule.pp_size, schedule.num_microbatches, schedule.virtual_stages)
+    return draw_timeline(timeline, path, title=title, ideal_bubble=ideal)

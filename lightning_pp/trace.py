@@ -1,0 +1,144 @@
+"""Recording what each rank did and when, and writing it as a Chrome/Perfetto trace.
+
+A :class:`TraceRecorder` lives on every rank. The executor hands it each action
+it ran with start and end times; other code may add spans (``"wait"`` for time
+spent blocked outside a send or receive). Recording is off outside the chosen
+window of steps, and then costs one attribute test per action.
+
+After the window, the ranks' events are gathered and written as one JSON file that
+``chrome://tracing`` and https://ui.perfetto.dev open: one track per rank, events
+named like the schedule's actions (``F s1 mb3``, ``SEND_F s1 mb3``), with the
+step, stage and microbatch in their arguments.
+
+Clocks: each rank measures with ``time.perf_counter`` from an origin taken right
+after a barrier, so ranks on one machine line up to within the barrier's exit skew.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from lightning_pp.schedule_sim import TimedAction, bubble_fraction
+from lightning_pp.schedules import Action, Op
+
+__all__ = ["TraceEvent", "TraceRecorder", "events_to_timeline", "measured_bubble", "write_chrome_trace"]
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One span of one rank's work, times in seconds from the rank's trace origin."""
+
+    rank: int
+    pp_rank: int
+    step: int
+    kind: str
+    stage: int
+    microbatch: int
+    start: float
+    end: float
+    peer: int = -1
+
+    @property
+    def name(self) -> str:
+        if self.microbatch < 0:
+            return self.kind
+        return f"{self.kind} s{self.stage} mb{self.microbatch}"
+
+
+class TraceRecorder:
+    """Collects :class:`TraceEvent` s on one rank for the steps in ``steps``.
+
+    Args:
+        rank: this process's global rank.
+        pp_rank: its position in the pipeline.
+        steps: the step indices to record (e.g. ``range(2, 4)``); others are skipped.
+    """
+
+    def __init__(self, rank: int, pp_rank: int, steps: Iterable[int]) -> None:
+        self.rank = rank
+        self.pp_rank = pp_rank
+        self.steps = frozenset(steps)
+        self.events: list[TraceEvent] = []
+        self.active = False
+        self.step = -1
+        self._origin = time.perf_counter()
+
+    def reset_clock(self) -> None:
+        """Takes the time origin; call right after a barrier on every rank."""
+        self._origin = time.perf_counter()
+
+    def begin_step(self, step: int) -> bool:
+        """Starts recording if ``step`` is in the window; returns whether it is."""
+        self.step = step
+        self.active = step in self.steps
+        return self.active
+
+    def end_step(self) -> None:
+        self.active = False
+
+    @property
+    def done(self) -> bool:
+        """Whether the window has passed (nothing more will be recorded)."""
+        return bool(self.steps) and self.step >= max(self.steps)
+
+    def now(self) -> float:
+        return time.perf_counter() - self._origin
+
+    def record(self, action: Action, start: float, end: float) -> None:
+        """Adds an executed schedule action (times from :meth:`now`)."""
+        if self.active:
+            self.events.append(
+                TraceEvent(
+                    self.rank, self.pp_rank, self.step, action.op.value, action.stage, action.microbatch, start, end,
+                    -1 if action.peer is None else action.peer,
+                )
+            )
+
+    def add_span(self, kind: str, start: float, end: float, stage: int = -1, microbatch: int = -1) -> None:
+        """Adds a span that is not a schedule action (``"wait"``, ``"step"``)."""
+        if self.active:
+            self.events.append(TraceEvent(self.rank, self.pp_rank, self.step, kind, stage, microbatch, start, end))
+
+
+def write_chrome_trace(events: Sequence[TraceEvent], path: str, *, metadata: Optional[dict[str, Any]] = None) -> None:
+    """Writes events of all ranks as Chrome trace-event JSON, one track per rank."""
+    trace: list[dict[str, Any]] = []
+    for rank in sorted({e.rank for e in events}):
+        pp_rank = next(e.pp_rank for e in events if e.rank == rank)
+        trace.append({"ph": "M", "name": "process_name", "pid": rank, "args": {"name": f"rank {rank} (pp {pp_rank})"}})
+        trace.append({"ph": "M", "name": "process_sort_index", "pid": rank, "args": {"sort_index": rank}})
+    for e in sorted(events, key=lambda e: (e.rank, e.start)):
+        trace.append(
+            {
+                "name": e.name,
+                "cat": e.kind,
+                "ph": "X",
+                "pid": e.rank,
+                "tid": 0,
+                "ts": e.start * 1e6,
+                "dur": max(e.end - e.start, 0.0) * 1e6,
+                "args": {k: v for k, v in asdict(e).items() if k in ("step", "stage", "microbatch", "pp_rank", "peer")},
+            }
+        )
+    with open(path, "w") as f:
+        json.dump({"traceEvents": trace, "displayTimeUnit": "ms", "metadata": metadata or {}}, f)
+
+
+def events_to_timeline(events: Sequence[TraceEvent], step: int) -> list[list[TimedAction]]:
+    """One step's schedule actions as :func:`~lightning_pp.schedule_sim.simulate`-style timelines."""
+    ops = {op.value: op for op in Op}
+    ranks = sorted({e.pp_rank for e in events if e.step == step})
+    timeline: list[list[TimedAction]] = [[] for _ in ranks]
+    for e in sorted(events, key=lambda e: e.start):
+        if e.step == step and e.kind in ops:
+            action = Action(ops[e.kind], e.stage, e.microbatch, peer=None if ops[e.kind].is_compute else e.peer)
+            timeline[ranks.index(e.pp_rank)].append(TimedAction(e.start, e.end, action))
+    return timeline
+
+
+def measured_bubble(events: Sequence[TraceEvent], step: int) -> float:
+    """Idle share of one traced step: ``1 - compute time / (ranks * step span)``."""
+    return bubble_fraction(events_to_timeline(events, step))
