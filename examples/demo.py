@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="1F1B")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", default=str(HERE.parent / "out" / "demo_predictions.jsonl"))
+    parser.add_argument("--trace", default=None, help="folder for a trace (trace.json, timeline.png) of steps 2-3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -102,7 +103,9 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=PPStrategy(pipeline_parallel_size=args.devices, num_microbatches=4, schedule=args.schedule),
+        strategy=PPStrategy(
+            pipeline_parallel_size=args.devices, num_microbatches=4, schedule=args.schedule, trace=args.trace
+        ),
         max_epochs=args.epochs,
         logger=False,
         enable_checkpointing=False,

@@ -16,7 +16,13 @@ from torch import nn
 
 from lightning_pp.split import plan_stage_split
 
-__all__ = ["PipelinedSequential", "find_pipelined_sequential", "layer_weights", "partition_module"]
+__all__ = [
+    "PipelinedSequential",
+    "capture_sequential_input",
+    "find_pipelined_sequential",
+    "layer_weights",
+    "partition_module",
+]
 
 
 class PipelinedSequential(nn.Module):
@@ -125,3 +131,32 @@ def partition_module(
     pipelined = PipelinedSequential(kept, mine, num_layers=len(layers))
     setattr(module, attr, pipelined)
     return attr, pipelined
+
+
+class _Captured(BaseException):
+    """Carries the Sequential's input out of a step (a BaseException: user ``except Exception`` cannot eat it)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+class _Capture(nn.Module):
+    def forward(self, x: Any) -> Any:
+        raise _Captured(x)
+
+
+def capture_sequential_input(module: nn.Module, attr: str, batch: Any, hook: str = "training_step") -> Any:
+    """The input ``module.<hook>(batch, 0)`` passes to its Sequential ``attr``, without running the Sequential."""
+    original = getattr(module, attr)
+    setattr(module, attr, _Capture())
+    # Logging is not possible outside a Lightning hook; anything logged before the call is dropped.
+    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        getattr(module, hook)(batch, 0)
+    except _Captured as captured:
+        return captured.value
+    finally:
+        setattr(module, attr, original)
+        del module.log, module.log_dict
+    raise ValueError(f"{type(module).__name__}.{hook} did not call self.{attr} on the balance_sample batch.")

@@ -58,13 +58,20 @@ from lightning_pp.checkpoint import (
     remove_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_pp.balance import balance_by_time, profile_layer_times
 from lightning_pp.engine import PipelineExecutor
 from lightning_pp.interrupts import install_interrupt_escalation
 from lightning_pp.microbatch import batch_rows, split_microbatches
 from lightning_pp.p2p import PipeComm, Transport
-from lightning_pp.pipeline_module import PipelinedSequential, partition_module
+from lightning_pp.pipeline_module import (
+    PipelinedSequential,
+    capture_sequential_input,
+    find_pipelined_sequential,
+    partition_module,
+)
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_pp.trace import StepTracer, TraceOptions, TraceRecorder
 from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
 
 __all__ = ["PPStrategy"]
@@ -89,7 +96,12 @@ class PPStrategy(ParallelStrategy):
         schedule: ``"1F1B"`` (default), ``"GPipe"`` or ``"Interleaved1F1B"``.
         virtual_stages: stages per rank, for ``"Interleaved1F1B"`` (default 2 there, else 1).
         balance: layers per stage (length ``pp * virtual_stages``); default balances
-            parameter counts.
+            parameter counts; ``"time"`` profiles each layer's forward + backward on the
+            device (needs ``balance_sample``) and minimises the slowest stage.
+        balance_sample: one training batch, for ``balance="time"``.
+        trace: a folder (or :class:`~lightning_pp.trace.TraceOptions`) to record a few
+            training steps into: ``trace.json`` for chrome://tracing or Perfetto, one
+            track per rank, and ``timeline.png`` with the measured bubble.
         sequential: attribute name of the ``nn.Sequential`` to pipeline, when the module
             has more than one.
         transport: the point-to-point mover (tests use one whose sends wait for receivers).
@@ -111,7 +123,9 @@ class PPStrategy(ParallelStrategy):
         schedule: str = "1F1B",
         *,
         virtual_stages: Optional[int] = None,
-        balance: Optional[Sequence[int]] = None,
+        balance: Optional[Union[Sequence[int], str]] = None,
+        balance_sample: Any = None,
+        trace: Optional[Union[str, TraceOptions]] = None,
         sequential: Optional[str] = None,
         transport: Optional[Transport] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -147,7 +161,14 @@ class PPStrategy(ParallelStrategy):
         self._requested_pp_size = pipeline_parallel_size
         self._requested_microbatches = num_microbatches
         self.virtual_stages = virtual_stages
-        self.balance = list(balance) if balance is not None else None
+        if isinstance(balance, str) and balance != "time":
+            raise ValueError(f"balance={balance!r}: pass layer counts per stage, or 'time' to balance measured times.")
+        if balance == "time" and balance_sample is None:
+            raise ValueError("balance='time' profiles the layers on one batch: pass balance_sample=<a training batch>.")
+        self.balance: Optional[Union[list[int], str]] = balance if isinstance(balance, str) or balance is None else list(balance)
+        self._balance_sample = balance_sample
+        self._trace_options = TraceOptions(trace) if isinstance(trace, str) else trace
+        self._tracer: Optional[StepTracer] = None
         self.sequential_name = sequential
         self._transport = transport
         self._process_group_backend = process_group_backend
@@ -274,6 +295,8 @@ class PPStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         num_stages = self.pp_size * self.virtual_stages
         local_stages = [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
+        if self.balance == "time":
+            self.balance = self._balance_by_time(num_stages)
         self._pipelined_attr, self._pipelined = partition_module(
             self.lightning_module,
             name=self.sequential_name,
@@ -281,6 +304,8 @@ class PPStrategy(ParallelStrategy):
             local_stages=local_stages,
             balance=self.balance,
         )
+        if self._trace_options is not None and self._tracer is None:
+            self._tracer = StepTracer(self._trace_options, self.global_rank, self.pp_rank, self.pp_size)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -291,6 +316,16 @@ class PPStrategy(ParallelStrategy):
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             _sync_found_inf(scaler)
+
+    def _balance_by_time(self, num_stages: int) -> list[int]:
+        """Stage sizes from layer times measured on global rank 0, shared with every rank."""
+        counts = None
+        if self.global_rank == 0:
+            module = self.lightning_module
+            attr, sequential = find_pipelined_sequential(module, self.sequential_name)
+            sample_input = capture_sequential_input(module, attr, self._balance_sample)
+            counts = balance_by_time(profile_layer_times(sequential, sample_input, self.root_device), num_stages)
+        return self.broadcast(counts, 0)
 
     @override
     def model_to_device(self) -> None:
@@ -357,6 +392,7 @@ class PPStrategy(ParallelStrategy):
         path = self.broadcast(str(checkpoint_path))
         module = self.lightning_module
         names = self._param_names()
+        local_names = [[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
         if os.path.isfile(path) and not is_sharded_checkpoint(path):
             # One-device Lightning checkpoint, or one made by consolidate_checkpoint.
             checkpoint = super().load_checkpoint(path, weights_only=weights_only)
@@ -371,7 +407,7 @@ class PPStrategy(ParallelStrategy):
         return load_sharded_checkpoint(
             path,
             model_keys=list(module.state_dict()),
-            optimizer_param_names=[[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers],
+            optimizer_param_names=local_names,
             strict=module.strict_loading,
             weights_only=weights_only,
         )
@@ -435,6 +471,21 @@ class PPStrategy(ParallelStrategy):
                 forward_only=forward_only,
             )
         return self._schedules[key]
+
+    @contextmanager
+    def _traced_step(self, schedule: Schedule) -> Iterator[Optional[TraceRecorder]]:
+        if self._tracer is None:
+            yield None
+            return
+        describe = {
+            "schedule": schedule.name,
+            "pp_size": schedule.pp_size,
+            "num_microbatches": schedule.num_microbatches,
+            "virtual_stages": schedule.virtual_stages,
+            "dp_size": self.dp_size,
+        }
+        with self._tracer.step(describe) as recorder:
+            yield recorder
 
     def _executor(self, schedule: Schedule) -> PipelineExecutor:
         assert self._pipelined is not None
@@ -502,26 +553,31 @@ class PPStrategy(ParallelStrategy):
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
-        with self.precision_plugin.train_step_context(), self._microbatch_steps("training_step", batch, rest, kwargs) as (
-            step_fn,
-            weights,
-            recorder,
-        ):
+        schedule = self._schedule(min(self.num_microbatches, batch_rows(batch)), forward_only=False)
+        with self._traced_step(schedule) as tracer:
+            with self.precision_plugin.train_step_context(), self._microbatch_steps(
+                "training_step", batch, rest, kwargs
+            ) as (step_fn, weights, recorder):
 
-            def loss_fn(k: int, step_output: Any) -> Tensor:
-                # One device back-propagates mean(batch) / accumulate: each microbatch
-                # contributes its share of the rows.
-                loss = extract_loss(step_output) * (weights[k] / accumulate)
-                return scaler.scale(loss) if scaler is not None else loss
+                def loss_fn(k: int, step_output: Any) -> Tensor:
+                    # One device back-propagates mean(batch) / accumulate: each microbatch
+                    # contributes its share of the rows.
+                    loss = extract_loss(step_output) * (weights[k] / accumulate)
+                    return scaler.scale(loss) if scaler is not None else loss
 
-            schedule = self._schedule(len(weights), forward_only=False)
-            results = self._executor(schedule).run(step_fn, loss_fn)
-        output = None
-        if results:
-            output = weighted_mean([results[k] for k in range(len(weights))], weights)
-            if isinstance(output, Tensor):
-                output = output.detach()
-        output = self._publish(recorder, weights, output)
+                executor = self._executor(schedule)
+                executor.tracer = tracer
+                results = executor.run(step_fn, loss_fn)
+            output = None
+            if results:
+                output = weighted_mean([results[k] for k in range(len(weights))], weights)
+                if isinstance(output, Tensor):
+                    output = output.detach()
+            waited_from = tracer.now() if tracer is not None else 0.0
+            output = self._publish(recorder, weights, output)
+            if tracer is not None:
+                # Time every stage spends waiting for the loss and logs of the last stage.
+                tracer.add_span("wait", waited_from, tracer.now())
         if self.check_finite_loss:
             self._raise_if_not_finite(extract_loss(output), trainer, args[1] if len(args) > 1 else None)
         new_grads = [p.grad for p in params]

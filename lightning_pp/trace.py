@@ -17,14 +17,45 @@ after a barrier, so ranks on one machine line up to within the barrier's exit sk
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch.distributed as dist
 
 from lightning_pp.schedule_sim import TimedAction, bubble_fraction
 from lightning_pp.schedules import Action, Op
 
-__all__ = ["TraceEvent", "TraceRecorder", "events_to_timeline", "measured_bubble", "write_chrome_trace"]
+__all__ = [
+    "StepTracer",
+    "TraceEvent",
+    "TraceOptions",
+    "TraceRecorder",
+    "events_to_timeline",
+    "measured_bubble",
+    "write_chrome_trace",
+]
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What ``PPStrategy(trace=...)`` records.
+
+    Attributes:
+        dir: folder for ``trace.json`` (all ranks) and ``timeline.png``.
+        steps: training steps (0-based batch count) to record; keep it short.
+        png: also draw the last recorded step (needs matplotlib).
+    """
+
+    dir: str
+    steps: tuple[int, ...] = (2, 3)
+    png: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.steps or min(self.steps) < 0:
+            raise ValueError(f"TraceOptions.steps must name at least one step >= 0, got {self.steps}.")
 
 
 @dataclass(frozen=True)
@@ -142,3 +173,67 @@ def events_to_timeline(events: Sequence[TraceEvent], step: int) -> list[list[Tim
 def measured_bubble(events: Sequence[TraceEvent], step: int) -> float:
     """Idle share of one traced step: ``1 - compute time / (ranks * step span)``."""
     return bubble_fraction(events_to_timeline(events, step))
+
+
+class StepTracer:
+    """Drives a :class:`TraceRecorder` through training steps and writes the result.
+
+    Every rank calls :meth:`step` around each training step. The first recorded
+    step starts with a barrier and a clock reset; after the last one the ranks'
+    events are gathered and global rank 0 writes the trace (and the picture).
+    """
+
+    def __init__(self, options: TraceOptions, rank: int, pp_rank: int, pp_size: int) -> None:
+        self.options = options
+        self.recorder = TraceRecorder(rank, pp_rank, options.steps)
+        self.pp_size = pp_size
+        self._count = 0
+        self.written: Optional[str] = None
+
+    @contextmanager
+    def step(self, describe: dict[str, Any]) -> Iterator[Optional[TraceRecorder]]:
+        """Yields the recorder while this step is in the window, else ``None``."""
+        step, self._count = self._count, self._count + 1
+        if step == min(self.options.steps) and dist.is_initialized():
+            dist.barrier()
+            self.recorder.reset_clock()
+        active = self.recorder.begin_step(step)
+        try:
+            yield self.recorder if active else None
+        finally:
+            self.recorder.end_step()
+        if step == max(self.options.steps):
+            self._write(describe, step)
+
+    def _write(self, describe: dict[str, Any], last_step: int) -> None:
+        events: list[TraceEvent] = list(self.recorder.events)
+        if dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, events)
+            events = [e for rank_events in gathered for e in rank_events]
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        os.makedirs(self.options.dir, exist_ok=True)
+        path = os.path.join(self.options.dir, "trace.json")
+        write_chrome_trace(events, path, metadata=describe)
+        self.written = path
+        if self.options.png:
+            from lightning_pp.schedule_sim import ideal_bubble_fraction
+            from lightning_pp.timeline import draw_timeline
+
+            first_replica = [e for e in events if e.rank < self.pp_size]
+            title = (
+                f"{describe.get('schedule')}: pp={describe.get('pp_size')}, m={describe.get('num_microbatches')} "
+                f"(measured, step {last_step}, replica 0)"
+            )
+            ideal = ideal_bubble_fraction(
+                int(describe["pp_size"]), int(describe["num_microbatches"]), int(describe.get("virtual_stages", 1))
+            )
+            draw_timeline(
+                events_to_timeline(first_replica, last_step),
+                os.path.join(self.options.dir, "timeline.png"),
+                title=title,
+                ideal_bubble=ideal,
+                show_comm=True,
+                time_unit="seconds",
+            )

@@ -1,0 +1,102 @@
+"""Stage split by parameter count against split by measured time, on layers of unequal cost.
+
+Eight layers with the same number of parameters, but layer cost (simulated: forward
+and backward sleep) rising from 1 to 8 units. A parameter-count split cuts the model
+in the middle, leaving the second stage with 26 of the 36 units; profiling each layer
+(`lightning_pp.balance.profile_layer_times`) and balancing the measured times puts the
+cut near 18 | 18. Both splits run the same 1F1B schedule (pp=2, m=8) through the
+engine; the script prints both splits and step times.
+
+    python benchmarks/bench_balance.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bench_schedules import ROWS, SleepLayer
+from lightning_pp.balance import balance_by_time, profile_layer_times
+from lightning_pp.engine import PipelineExecutor
+from lightning_pp.p2p import PipeComm
+from lightning_pp.pipeline_module import layer_weights
+from lightning_pp.schedules import build_schedule
+from lightning_pp.split import plan_stage_split
+
+COSTS = [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def _layers(unit_ms: float) -> nn.Sequential:
+    # Backward twice the forward, as in a real network.
+    return nn.Sequential(*[SleepLayer(c * unit_ms / 1000, 2 * c * unit_ms / 1000) for c in COSTS])
+
+
+def _step_time(rank, world, layers, counts, m, steps):
+    bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    stage = nn.Sequential(*list(layers)[bounds[rank] : bounds[rank + 1]])
+    executor = PipelineExecutor({rank: stage}, build_schedule("1f1b", world, m), rank, PipeComm(dist.group.WORLD, torch.device("cpu")))
+    micro = list(torch.tensor_split(torch.randn(ROWS, 8), m))
+    best = float("inf")
+    for step in range(steps + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        executor.run(lambda k, call: call(micro[k]).sum(), lambda k, out: out)
+        dist.barrier()
+        if step:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _rank(rank, world, args, init_file, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    layers = _layers(args.unit_ms)
+    by_params = [len(r) for r in plan_stage_split(layer_weights(layers), world)]
+    holder = [None]
+    if rank == 0:
+        times = profile_layer_times(layers, torch.randn(ROWS, 8), torch.device("cpu"), repeats=2)
+        holder = [balance_by_time(times, world)]
+    dist.broadcast_object_list(holder, 0)
+    by_time = holder[0]
+    result = {
+        "params": (by_params, _step_time(rank, world, layers, by_params, args.m, args.steps)),
+        "time": (by_time, _step_time(rank, world, layers, by_time, args.m, args.steps)),
+    }
+    queue.put((rank, result))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--m", type=int, default=8)
+    parser.add_argument("--unit-ms", type=float, default=4.0, help="forward sleep of one cost unit for a whole batch")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_rank, args=(r, args.pp, args, os.path.join(tmp, "store"), queue)) for r in range(args.pp)]
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
+    print(f"layer costs {COSTS} (equal parameters), pp={args.pp}, m={args.m}, 1F1B")
+    for key, label in (("params", "split by parameter count"), ("time", "split by measured time")):
+        counts = results[0][key][0]
+        step = max(results[r][key][1] for r in range(args.pp))
+        print(f"{label:26} layers per stage {counts}: step {step * 1000:.0f} ms")
+    ratio = max(results[r]["params"][1] for r in range(args.pp)) / max(results[r]["time"][1] for r in range(args.pp))
+    print(f"time-balanced split is {ratio:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
