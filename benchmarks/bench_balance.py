@@ -13,17 +13,15 @@ engine; the script prints both splits and step times.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bench_schedules import ROWS, SleepLayer
 from lightning_pp.balance import balance_by_time, profile_layer_times
+from _ranks import on_ranks
 from lightning_pp.engine import PipelineExecutor
 from lightning_pp.p2p import PipeComm
 from lightning_pp.pipeline_module import layer_weights
@@ -41,7 +39,8 @@ def _layers(unit_ms: float) -> nn.Sequential:
 def _step_time(rank, world, layers, counts, m, steps):
     bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
     stage = nn.Sequential(*list(layers)[bounds[rank] : bounds[rank + 1]])
-    executor = PipelineExecutor({rank: stage}, build_schedule("1f1b", world, m), rank, PipeComm(dist.group.WORLD, torch.device("cpu")))
+    comm = PipeComm(dist.group.WORLD, torch.device("cpu"))
+    executor = PipelineExecutor({rank: stage}, build_schedule("1f1b", world, m), rank, comm)
     micro = list(torch.tensor_split(torch.randn(ROWS, 8), m))
     best = float("inf")
     for step in range(steps + 1):
@@ -54,9 +53,7 @@ def _step_time(rank, world, layers, counts, m, steps):
     return best
 
 
-def _rank(rank, world, args, init_file, queue):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank(rank, world, args):
     layers = _layers(args.unit_ms)
     by_params = [len(r) for r in plan_stage_split(layer_weights(layers), world)]
     holder = [None]
@@ -69,8 +66,7 @@ def _rank(rank, world, args, init_file, queue):
         "params": (by_params, _step_time(rank, world, layers, by_params, args.m, args.steps)),
         "time": (by_time, _step_time(rank, world, layers, by_time, args.m, args.steps)),
     }
-    queue.put((rank, result))
-    dist.destroy_process_group()
+    return result
 
 
 def main() -> None:
@@ -80,15 +76,7 @@ def main() -> None:
     parser.add_argument("--unit-ms", type=float, default=4.0, help="forward sleep of one cost unit for a whole batch")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, args.pp, args, os.path.join(tmp, "store"), queue)) for r in range(args.pp)]
-        for p in procs:
-            p.start()
-        results = dict(queue.get(timeout=600) for _ in procs)
-        for p in procs:
-            p.join()
+    results = on_ranks(_rank, args.pp, args)
     print(f"layer costs {COSTS} (equal parameters), pp={args.pp}, m={args.m}, 1F1B")
     for key, label in (("params", "split by parameter count"), ("time", "split by measured time")):
         counts = results[0][key][0]

@@ -16,16 +16,14 @@ peak number of microbatches whose activations a stage held (measured in the run)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from _ranks import on_ranks
 from lightning_pp.engine import PipelineExecutor
 from lightning_pp.p2p import PipeComm
 from lightning_pp.schedules import build_schedule
@@ -56,9 +54,7 @@ class SleepLayer(nn.Module):
         return _Sleep.apply(x * self.weight, self.forward_s, self.backward_s)
 
 
-def _rank(rank, world, args, init_file, queue):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank(rank, world, args):
     results = {}
     for name in ("1f1b", "gpipe"):
         schedule = build_schedule(name, world, args.m)
@@ -83,8 +79,7 @@ def _rank(rank, world, args, init_file, queue):
             if step:  # the first step warms up
                 times.append(time.perf_counter() - start)
         results[name] = (min(times), executor.peak_live_activations)
-    queue.put((rank, results))
-    dist.destroy_process_group()
+    return results
 
 
 def main() -> None:
@@ -95,15 +90,7 @@ def main() -> None:
     parser.add_argument("--backward-ms", type=float, default=160.0, help="backward sleep for a whole batch")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, args.pp, args, os.path.join(tmp, "store"), queue)) for r in range(args.pp)]
-        for p in procs:
-            p.start()
-        per_rank = dict(queue.get(timeout=600) for _ in procs)
-        for p in procs:
-            p.join()
+    per_rank = on_ranks(_rank, args.pp, args)
     p, m = args.pp, args.m
     f_mb, b_mb = args.forward_ms / m, args.backward_ms / m
     ideal = (m + p - 1) * (f_mb + b_mb) / 1000

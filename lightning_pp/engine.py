@@ -25,7 +25,7 @@ from lightning_pp.p2p import PipeComm, flatten_payload
 from lightning_pp.schedules import Action, Op, Schedule
 from lightning_pp.trace import TraceRecorder
 
-__all__ = ["PipelineExecutor", "SequentialCallError", "StepFn"]
+__all__ = ["PipelineExecutor", "SequentialCallError", "StepFn", "run_step_to_end", "run_step_to_first_stage"]
 
 StepFn = Callable[[int, Callable[[Any], Any]], Any]
 LossFn = Callable[[int, Any], torch.Tensor]
@@ -39,6 +39,61 @@ class _StageBoundary(BaseException):
     # A BaseException, so a user's `except Exception:` around the model call
     # cannot swallow the signal that the first stage's part of the step is done.
     pass
+
+
+def _call_count_message(sequential_name: str, how: str) -> str:
+    return (
+        f"The step called {sequential_name} {how}. A pipelined step must call the pipelined nn.Sequential "
+        "exactly once per step (its layers are spread over the pipeline ranks); compute everything else before "
+        "or after that single call."
+    )
+
+
+def run_step_to_end(
+    run: Callable[[Callable[[Any], Any]], Any], answer: Callable[[Any], Any], sequential_name: str
+) -> Any:
+    """Runs a user step whose one call of the pipelined Sequential is answered by ``answer``.
+
+    ``run(handler)`` runs the step with ``handler`` standing in for the Sequential.
+    The last stage answers with its layers applied to the activation it received;
+    a single-stage pipeline with all its layers applied to the step's own input.
+
+    Raises:
+        SequentialCallError: the step called the Sequential more than once, or not at all.
+    """
+    calls = 0
+
+    def handler(x: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise SequentialCallError(_call_count_message(sequential_name, "more than once"))
+        return answer(x)
+
+    result = run(handler)
+    if calls == 0:
+        raise SequentialCallError(_call_count_message(sequential_name, "not at all"))
+    return result
+
+
+def run_step_to_first_stage(
+    run: Callable[[Callable[[Any], Any]], Any], first_stage: Callable[[Any], Any], sequential_name: str
+) -> Any:
+    """Runs a user step up to its call of the pipelined Sequential; returns the first stage's output.
+
+    The rest of the step needs the last stage's output, so it is cut off there.
+    """
+    captured: list[Any] = []
+
+    def handler(x: Any) -> Any:
+        captured.append(first_stage(x))
+        raise _StageBoundary
+
+    try:
+        run(handler)
+    except _StageBoundary:
+        return captured[0]
+    raise SequentialCallError(_call_count_message(sequential_name, "not at all"))
 
 
 def _tensors(payload: Any) -> list[Optional[torch.Tensor]]:
@@ -118,7 +173,8 @@ class PipelineExecutor:
                 self._comm().send(out, self._peer(action), where=f"the output of pipeline stage {action.stage}")
             elif op is Op.RECV_GRAD:
                 grads[key] = self._comm().recv(
-                    self._peer(action), what=f"the output gradients of stage {action.stage}, microbatch {action.microbatch},"
+                    self._peer(action),
+                    what=f"the output gradients of stage {action.stage}, microbatch {action.microbatch},",
                 )
             elif op is Op.BACKWARD:
                 self._backward(action, outputs.pop(key), grads.pop(key, None))
@@ -151,33 +207,16 @@ class PipelineExecutor:
     ) -> Any:
         stage, k = action.stage, action.microbatch
         module = self.stages[stage]
+
+        def run(handler: Callable[[Any], Any]) -> Any:
+            return step_fn(k, handler)
+
         if stage == self.last_stage:
-            calls = 0
-
-            def call_last(first_stage_input: Any) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls > 1:
-                    raise SequentialCallError(self._call_count_message("more than once"))
-                return module(first_stage_input if stage == 0 else stage_input)
-
-            result = step_fn(k, call_last)
-            if calls == 0:
-                raise SequentialCallError(self._call_count_message("not at all"))
+            result = run_step_to_end(run, lambda x: module(x if stage == 0 else stage_input), self.sequential_name)
             results[k] = result
             return loss_fn(k, result) if loss_fn is not None else None
         if stage == 0:
-            captured: list[Any] = []
-
-            def call_first(first_stage_input: Any) -> Any:
-                captured.append(module(first_stage_input))
-                raise _StageBoundary
-
-            try:
-                step_fn(k, call_first)
-            except _StageBoundary:
-                return captured[0]
-            raise SequentialCallError(self._call_count_message("not at all"))
+            return run_step_to_first_stage(run, module, self.sequential_name)
         return module(stage_input)
 
     def _backward(self, action: Action, output: Any, output_grads: Any) -> None:
@@ -192,10 +231,3 @@ class PipelineExecutor:
         ]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
-
-    def _call_count_message(self, how: str) -> str:
-        return (
-            f"The step called {self.sequential_name} {how}. A pipelined step must call the pipelined "
-            "nn.Sequential exactly once per step (its layers are spread over the pipeline ranks); compute "
-            "everything else before or after that single call."
-        )

@@ -133,30 +133,31 @@ def partition_module(
     return attr, pipelined
 
 
-class _Captured(BaseException):
-    """Carries the Sequential's input out of a step (a BaseException: user ``except Exception`` cannot eat it)."""
+class _Handler(nn.Module):
+    """Calls a function; stands in for the Sequential while a step is run outside the pipeline."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, handler: Callable[[Any], Any]) -> None:
         super().__init__()
-        self.value = value
+        self.handler = handler
 
-
-class _Capture(nn.Module):
     def forward(self, x: Any) -> Any:
-        raise _Captured(x)
+        return self.handler(x)
 
 
 def capture_sequential_input(module: nn.Module, attr: str, batch: Any, hook: str = "training_step") -> Any:
     """The input ``module.<hook>(batch, 0)`` passes to its Sequential ``attr``, without running the Sequential."""
+    from lightning_pp.engine import run_step_to_first_stage
+
     original = getattr(module, attr)
-    setattr(module, attr, _Capture())
     # Logging is not possible outside a Lightning hook; anything logged before the call is dropped.
     module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+    def run(handler: Callable[[Any], Any]) -> Any:
+        setattr(module, attr, _Handler(handler))
+        return getattr(module, hook)(batch, 0)
+
     try:
-        getattr(module, hook)(batch, 0)
-    except _Captured as captured:
-        return captured.value
+        return run_step_to_first_stage(run, lambda x: x, f"self.{attr}")
     finally:
         setattr(module, attr, original)
         del module.log, module.log_dict
-    raise ValueError(f"{type(module).__name__}.{hook} did not call self.{attr} on the balance_sample batch.")

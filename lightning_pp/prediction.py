@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_pp.engine import SequentialCallError
+from lightning_pp.engine import run_step_to_end, run_step_to_first_stage
 from lightning_pp.inference import StreamingPipeline
 from lightning_pp.microbatch import batch_rows, split_microbatches
 from lightning_pp.p2p import PipeComm
@@ -230,47 +230,22 @@ class PredictStream:
     def _launch(self, g: int) -> Any:
         microbatch = self._device_microbatch(g)
         args = self.step_args(self._batch_of(g))
+
+        def run(handler: Callable[[Any], Any]) -> Any:
+            return self._run_with(microbatch, args, handler)
+
         if self.pp_size == 1:
-            return self._run_with(microbatch, args, self._call_whole())
-        captured: list[Any] = []
-
-        def call_first(x: Any) -> Any:
-            captured.append(self.pipeline.stage(x))
-            raise _StageBoundary
-
-        try:
-            self._run_with(microbatch, args, call_first)
-        except _StageBoundary:
-            return captured[0]
-        raise SequentialCallError(self._call_message("not at all"))
-
-    def _call_whole(self) -> Callable[[Any], Any]:
-        calls = 0
-
-        def call(x: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                raise SequentialCallError(self._call_message("more than once"))
-            return self.pipeline.stage(x)
-
-        return call
+            return run_step_to_end(run, self.pipeline.stage, self.sequential_name)
+        return run_step_to_first_stage(run, self.pipeline.stage, self.sequential_name)
 
     def _finish(self, g: int, activation: Any) -> Any:
         microbatch = self._device_microbatch(g)
-        calls = 0
+        args = self.step_args(self._batch_of(g))
 
-        def call_last(_first_stage_input: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                raise SequentialCallError(self._call_message("more than once"))
-            return self.pipeline.stage(activation)
+        def run(handler: Callable[[Any], Any]) -> Any:
+            return self._run_with(microbatch, args, handler)
 
-        result = self._run_with(microbatch, self.step_args(self._batch_of(g)), call_last)
-        if calls == 0:
-            raise SequentialCallError(self._call_message("not at all"))
-        return result
+        return run_step_to_end(run, lambda _first_stage_input: self.pipeline.stage(activation), self.sequential_name)
 
     def _run_with(self, microbatch: Any, args: tuple, handler: Callable[[Any], Any]) -> Any:
         self.pipelined.handler = handler
@@ -278,12 +253,6 @@ class PredictStream:
             return self.user_step(microbatch, *args)
         finally:
             self.pipelined.handler = None
-
-    def _call_message(self, how: str) -> str:
-        return (
-            f"predict_step called {self.sequential_name} {how}. A pipelined step must call the pipelined "
-            "nn.Sequential exactly once (its layers are spread over the pipeline ranks)."
-        )
 
     def close(self) -> None:
         """Stops the pipeline's communication thread."""
@@ -318,12 +287,6 @@ class PredictStream:
             return None
         outputs = [self._results.pop(g) for g in range(first, end)]
         return concat_outputs(outputs)
-
-
-class _StageBoundary(BaseException):
-    # A BaseException, so a user's `except Exception:` cannot swallow the signal that
-    # the first stage's part of the step is done.
-    pass
 
 
 # -- writers and data-parallel results ---------------------------------------------------------

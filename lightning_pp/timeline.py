@@ -60,7 +60,8 @@ def draw_timeline(
     events = [e for rank_events in timeline for e in rank_events]
     origin = min((e.start for e in events), default=0.0)
     span = max((e.end for e in events), default=1.0) - origin
-    fig, ax = plt.subplots(figsize=(max(8.0, min(24.0, 0.25 * len(events) / max(len(timeline), 1) + 6)), 0.7 * len(timeline) + 1.6))
+    width = max(8.0, min(24.0, 0.25 * len(events) / max(len(timeline), 1) + 6))
+    fig, ax = plt.subplots(figsize=(width, 0.7 * len(timeline) + 1.6))
     for rank, rank_events in enumerate(timeline):
         for e in rank_events:
             start, width = e.start - origin, max(e.end - e.start, span * 1e-4)
@@ -80,12 +81,14 @@ def draw_timeline(
     if ideal_bubble is not None:
         subtitle += f" (ideal (p-1)/(vm+p-1) = {ideal_bubble:.1%})"
     ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[Op.FORWARD]), plt.Rectangle((0, 0), 1, 1, color=_COLORS[Op.BACKWARD])]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[op]) for op in (Op.FORWARD, Op.BACKWARD)]
     labels = ["forward", "backward"]
     if show_comm:
         handles.append(plt.Rectangle((0, 0), 1, 1, color=_COMM_COLOR))
         labels.append("send/recv")
-    ax.legend(handles, labels, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=len(labels), frameon=False)
+    ax.legend(
+        handles, labels, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=len(labels), frameon=False
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -33,7 +33,8 @@ def parse_device_indices(devices: Any, device_count: int, name: str) -> list[int
             devices = device_count
         if devices <= 0:
             raise MisconfigurationException(
-                f"`devices={devices}` asks for no {name} device. Pass a positive count, -1 for all, or a list of indices."
+                f"`devices={devices}` asks for no {name} device. Pass a positive count, -1 for all, or a list "
+                "of indices."
             )
         indices = list(range(devices))
     else:
