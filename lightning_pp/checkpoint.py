@@ -96,7 +96,8 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, 
             position += 1
     groups = []
     for group in indexed["param_groups"]:
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [index_to_name[i] for i in group["params"]]})
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**hyper, "params": [index_to_name[i] for i in group["params"]]})
     return {"state": {index_to_name[i]: dict(s) for i, s in indexed["state"].items()}, "param_groups": groups}
 
 
@@ -135,7 +136,9 @@ def load_named_optimizer_state(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def indexed_to_named_optimizer_state(indexed: Mapping[str, Any], group_names: Sequence[Sequence[str]]) -> dict[str, Any]:
+def indexed_to_named_optimizer_state(
+    indexed: Mapping[str, Any], group_names: Sequence[Sequence[str]]
+) -> dict[str, Any]:
     """Converts a one-device ``optimizer.state_dict()`` to names, given each group's full name list."""
     flat = [name for names in group_names for name in names]
     groups = []
@@ -303,7 +306,9 @@ def save_sharded_checkpoint(
         if failure is not None:
             raise failure
         if outcome:
-            raise CheckpointWriteError(f"Saving the checkpoint {path} failed on rank 0 ({outcome}); the previous one is kept.")
+            raise CheckpointWriteError(
+                f"Saving the checkpoint {path} failed on rank 0 ({outcome}); the previous one is kept."
+            )
     except BaseException:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -372,7 +377,9 @@ def resolve_checkpoint_dir(path: PathLike) -> Path:
     aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
     aside = [p for p in aside if is_sharded_checkpoint(p)]
     if aside:
-        warnings.warn(f"{path} is missing: a save was interrupted while replacing it. Loading the previous one, {aside[-1]}.")
+        warnings.warn(
+            f"{path} is missing: a save was interrupted while replacing it. Loading the previous one, {aside[-1]}."
+        )
         return aside[-1]
     raise FileNotFoundError(f"No checkpoint at {path}.")
 
