@@ -146,7 +146,9 @@ class PPStrategy(ParallelStrategy):
         )
         self.schedule_name = _normalise_schedule_name(schedule)
         if pipeline_parallel_size is not None and pipeline_parallel_size < 1:
-            raise ValueError(f"pipeline_parallel_size must be a positive number of stages, got {pipeline_parallel_size}.")
+            raise ValueError(
+                f"pipeline_parallel_size must be a positive number of stages, got {pipeline_parallel_size}."
+            )
         if num_microbatches is not None and num_microbatches < 1:
             raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}.")
         if virtual_stages is None:
@@ -165,7 +167,9 @@ class PPStrategy(ParallelStrategy):
             raise ValueError(f"balance={balance!r}: pass layer counts per stage, or 'time' to balance measured times.")
         if balance == "time" and balance_sample is None:
             raise ValueError("balance='time' profiles the layers on one batch: pass balance_sample=<a training batch>.")
-        self.balance: Optional[Union[list[int], str]] = balance if isinstance(balance, str) or balance is None else list(balance)
+        self.balance: Optional[Union[list[int], str]] = (
+            balance if isinstance(balance, str) or balance is None else list(balance)
+        )
         self._balance_sample = balance_sample
         self._trace_options = TraceOptions(trace) if isinstance(trace, str) else trace
         self._tracer: Optional[StepTracer] = None
@@ -687,7 +691,8 @@ class PPStrategy(ParallelStrategy):
 
     def _eval_step(self, hook: str, args: tuple, kwargs: dict, combine: str) -> Any:
         batch, rest = args[0], args[1:]
-        context = self.precision_plugin.val_step_context() if hook != "predict_step" else self.precision_plugin.predict_step_context()
+        plugin = self.precision_plugin
+        context = plugin.val_step_context() if hook != "predict_step" else plugin.predict_step_context()
         with context, self._microbatch_steps(hook, batch, rest, kwargs) as (step_fn, weights, recorder):
             results = self._executor(self._schedule(len(weights), forward_only=True)).run(step_fn)
         output = None
@@ -711,11 +716,30 @@ class PPStrategy(ParallelStrategy):
         Other stages return ``None`` (prediction writers are muted there). See
         :mod:`lightning_pp.prediction`.
         """
+        if _drives_own_pipeline(self._lightning_module):
+            # Generation runs its own loop over the stages (lightning_pp.generation).
+            with self.precision_plugin.predict_step_context():
+                return self.lightning_module.predict_step(*args, stage=self._generation_stage(), **kwargs)
         stream, batch_idx = self._predict_stream(args)
         if stream is None:
             return self._eval_step("predict_step", args, kwargs, combine="concat")
         with self.precision_plugin.predict_step_context():
             return stream.step(batch_idx)
+
+    def _generation_stage(self) -> Any:
+        """This rank's place in the pipeline, for modules that drive their own pipeline loop."""
+        from lightning_pp.generation import StageContext
+
+        assert self._comm is not None
+        return StageContext(
+            pp_rank=self.pp_rank,
+            pp_size=self.pp_size,
+            comm=self._comm if self.pp_size > 1 else None,
+            device=self.root_device,
+            platform=platform_for(self.root_device),
+            control_group=self._pp_cpu_group if self._pp_cpu_group is not None else self._pp_group,
+            first_stage_rank=self._comm.global_rank(0),
+        )
 
     # -- streaming predict ------------------------------------------------------------------
     #: Stream predict batches across batch boundaries (``False``: one forward-only
@@ -792,13 +816,15 @@ class PPStrategy(ParallelStrategy):
 
         module = self._lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
+        if _drives_own_pipeline(module):
+            return dataloader
         if self._predict_streaming and self.virtual_stages == 1 and trainer is not None and trainer.predicting:
             return PredictFeed(dataloader)
         return super().process_dataloader(dataloader)
 
     @override
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if self._predict_feed(dataloader_idx) is not None:
+        if self._predict_feed(dataloader_idx) is not None or _drives_own_pipeline(self._lightning_module):
             # Deferred host-to-device copy: the pipeline copies each microbatch when it
             # launches, from pinned memory where the platform can do so asynchronously.
             return batch
@@ -852,6 +878,12 @@ class PPStrategy(ParallelStrategy):
                 merged = [batch for replica in replicas for batch in replica[i][0]]
             # In place: the loop already handed this list to `trainer.predict` as its result.
             predictions[:] = merged
+
+
+def _drives_own_pipeline(module: Any) -> bool:
+    """A module (e.g. ``GenerationModule``) whose ``predict_step`` runs the stages itself."""
+    trainer = getattr(module, "_trainer", None) if module is not None else None
+    return bool(getattr(module, "drives_own_pipeline", False)) and trainer is not None and trainer.predicting
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -1,0 +1,91 @@
+"""Generation throughput at pp=1 and 2 on CPU, and chunk-latency spread with the predictor on vs fixed chunks.
+
+    python benchmarks/bench_generate.py throughput --devices 1
+    python benchmarks/bench_generate.py throughput --devices 2
+    python benchmarks/bench_generate.py chunks
+
+``throughput``: 16 prompts of 16-48 tokens, 32 new tokens each, a random
+8-layer decoder (width 256), one intra-op thread per process; generated tokens
+per second of ``trainer.predict`` wall time on rank 0.
+``chunks``: one 1536-token prompt prefilled in chunks on one process; each
+chunk's measured latency, fixed 256-token chunks vs predictor-sized chunks
+(first chunk 256), reported as max/min and coefficient of variation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_pp import PPStrategy
+from lightning_pp.chunking import ChunkPlanner
+from lightning_pp.generation import StageContext, init_chunk_planner
+from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
+from lightning_pp.models.llama import DecoderConfig, DecoderLM, KVCache, StepRows
+
+
+def _model(layers: int = 8, width: int = 256) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(DecoderConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width, num_layers=layers,
+                                   num_heads=8, num_kv_heads=4))
+
+
+def throughput(devices: int) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (16 + (7 * i) % 33,), generator=g).tolist() for i in range(16)]
+    new = 32
+    model = GenerationModule(_model(), max_new_tokens=new, eos_token_ids=(), num_microbatches=2)
+    loader = DataLoader(PromptDataset(prompts), batch_size=16, collate_fn=collate_prompts)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=PPStrategy() if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    start = time.perf_counter()
+    out = trainer.predict(model, loader)
+    elapsed = time.perf_counter() - start
+    if trainer.global_rank == 0:
+        tokens = sum(len(s) for b in out for s in b)
+        print(f"pp={devices}: {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:.1f} tokens/s")
+
+
+def _chunk_latencies(lm: DecoderLM, prompt: torch.Tensor, planner: ChunkPlanner) -> list[tuple[int, float]]:
+    caches = [KVCache() for _ in lm.layers]
+    done, out = 0, []
+    with torch.no_grad():
+        while done < prompt.numel():
+            n = planner.next_chunk(done, prompt.numel() - done)
+            start = time.perf_counter()
+            hidden, residual = lm.embed(prompt[done:done + n])
+            rows = StepRows((0,), (n,), (done,))
+            for layer, cache in zip(lm.layers, caches):
+                hidden, residual = layer(hidden, residual, rows=rows, cache=cache)
+            out.append((n, time.perf_counter() - start))
+            done += n
+    return out
+
+
+def chunks() -> None:
+    torch.set_num_threads(1)
+    lm = _model(layers=4, width=256)
+    prompt = torch.randint(0, 512, (1536,), generator=torch.Generator().manual_seed(1))
+    parts_module = GenerationModule(lm, max_new_tokens=1)
+    parts = parts_module._parts(StageContext())
+    planner, why = init_chunk_planner(parts, StageContext(), first_chunk=256, profile_sizes=list(range(64, 1537, 128)))
+    print("predictor:", planner.model if why is None else f"fell back ({why})")
+    for name, p in (("fixed 256", ChunkPlanner(256)), ("predictor", planner)):
+        lat = _chunk_latencies(lm, prompt, p)[:-1]  # the last chunk is the remainder
+        times = [t for _, t in lat]
+        print(f"{name}: chunks {[n for n, _ in lat]} latency ms {[round(t * 1e3, 1) for t in times]} "
+              f"max/min {max(times) / min(times):.2f} cv {statistics.pstdev(times) / statistics.mean(times):.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["throughput", "chunks"])
+    parser.add_argument("--devices", type=int, default=1)
+    args = parser.parse_args()
+    throughput(args.devices) if args.what == "throughput" else chunks()

@@ -1,0 +1,324 @@
+"""Greedy KV-cached generation through a pipeline of decoder stages.
+
+The sequences of a batch are dealt into ``M`` *slots* (microbatches); each
+forward of a slot advances all of its live sequences by one step: a prefill
+chunk of a prompt, or one decode token. Forwards are numbered as one stream
+``g = 0, 1, 2, ...`` with ``g = step * M + slot`` and run on a
+:class:`~lightning_pp.inference.StreamingPipeline`: stage ``s`` forwards ``g``
+at tick ``g + s``, and the sampled tokens of ``g`` go from the last stage back
+to the first over the same parity-ordered ring exchange as streaming predict.
+Three stages, three slots (``a b c``), step numbers below::
+
+    tick     0   1   2   3   4   5   6
+    stage 0 a0  b0  c0  a1  b1  c1  a2     a1 needs a0's token: back after tick 2
+    stage 1  .  a0  b0  c0  a1  b1  c1
+    stage 2  .   .  a0  b0  c0  a1  b1 -> tokens of a0 to stage 0 after tick 2
+
+With ``M = pp_size`` the tokens of a slot are back on the first stage exactly
+in time for its next step, so the pipeline never idles while sequences remain.
+
+Every stage keeps the KV cache of its own layers, per sequence. A stage learns
+which sequences left a slot from the slot's next header (they are missing) and
+frees their cache; when a slot has no live sequences left the first stage sends
+a *sentinel* through it instead. Each stage decides whether forward ``g``
+exists from what it has itself seen of slot ``g % M`` (its sentinel, if any),
+so all stages agree without any extra message.
+
+Deferred host-to-device copy: prompts stay on the host (pinned where the
+platform copies asynchronously) until the rows of a forward are launched;
+:func:`resolve_input_ids` is the only place that copies them, and the latency
+profiler goes through it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_pp.chunking import ChunkPlanner, LatencyModel, fit_latency, profile_latency, share_latency_model
+from lightning_pp.inference import StreamingPipeline
+from lightning_pp.models.llama import KVCache, StepRows
+from lightning_pp.p2p import PipeComm
+from lightning_pp.platform import Platform, current_platform
+
+__all__ = ["PipelineGenerator", "StageContext", "StageParts", "init_chunk_planner", "resolve_input_ids"]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a pipeline rank needs to take part in generation (built by the strategy).
+
+    Attributes:
+        pp_rank: position in the pipeline.
+        pp_size: number of stages.
+        comm: point-to-point channel (``None`` with one stage).
+        device: this rank's device.
+        platform: its device facts.
+        control_group: a CPU-backend group over the pipeline, for the predictor broadcast.
+        first_stage_rank: global rank of pipeline rank 0.
+    """
+
+    pp_rank: int = 0
+    pp_size: int = 1
+    comm: Optional[PipeComm] = None
+    device: torch.device = torch.device("cpu")
+    platform: Optional[Platform] = None
+    control_group: Optional[dist.ProcessGroup] = None
+    first_stage_rank: int = 0
+
+
+@dataclass
+class StageParts:
+    """The model pieces one stage runs: ``embed`` on the first, ``head`` on the last."""
+
+    layers: list[nn.Module]
+    embed: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    vocab_size: int = 0
+
+
+def resolve_input_ids(host_ids: Optional[torch.Tensor], device: torch.device, platform: Platform) -> torch.Tensor:
+    """Copies a launching forward's token ids from the host to ``device``.
+
+    The one place ids cross to the device: real launches and the profiler both
+    call it, so neither can run on ids a deferred copy has not produced yet.
+    """
+    if host_ids is None:
+        raise RuntimeError("token ids of a launching forward are missing (deferred host-to-device copy not resolved).")
+    return platform.to_device(host_ids, device)
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    prompt: torch.Tensor  # host, pinned where useful
+    consumed: int = 0
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class PipelineGenerator:
+    """One rank's part of greedy generation (see the module docstring).
+
+    Args:
+        parts: this stage's layers, plus ``embed`` (first stage) and ``head`` (last stage).
+        stage: the rank's pipeline position and channels.
+        max_new_tokens: longest continuation.
+        eos_token_ids: tokens that end a sequence (kept in its output).
+        planner: prefill chunk sizes; ``None`` prefills a prompt in one forward.
+        num_microbatches: slots in flight; at least ``pp_size`` (the default).
+    """
+
+    def __init__(
+        self,
+        parts: StageParts,
+        stage: StageContext,
+        *,
+        max_new_tokens: int,
+        eos_token_ids: Sequence[int] = (),
+        planner: Optional[ChunkPlanner] = None,
+        num_microbatches: Optional[int] = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        self.num_slots = num_microbatches or stage.pp_size
+        if self.num_slots < stage.pp_size:
+            raise ValueError(
+                f"num_microbatches={self.num_slots} is fewer than the {stage.pp_size} stages: a slot's tokens would not "
+                "be back on the first stage in time for its next step. Use at least pp_size microbatches."
+            )
+        self.parts, self.stage = parts, stage
+        self.platform = stage.platform or current_platform()
+        self.max_new_tokens = max_new_tokens
+        self.eos = frozenset(int(e) for e in eos_token_ids)
+        self.planner = planner
+        self.first, self.last = stage.pp_rank == 0, stage.pp_rank == stage.pp_size - 1
+        if self.first and parts.embed is None or self.last and parts.head is None:
+            raise ValueError("the first stage needs `embed` and the last stage needs `head`.")
+
+    # -- driver -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[torch.Tensor]) -> Optional[list[list[int]]]:
+        """Generates for every prompt (all stages call it with the same prompts).
+
+        Returns:
+            On the first stage, each prompt's generated ids (EOS included when hit);
+            ``None`` on other stages.
+        """
+        m = self.num_slots
+        seqs = [_Sequence(i, self.platform.pin(torch.as_tensor(p, dtype=torch.long).flatten().cpu())) for i, p in enumerate(prompts)]
+        for s in seqs:
+            if s.prompt.numel() == 0:
+                raise ValueError(f"prompt {s.seq_id} is empty: every sequence needs at least one token.")
+        self._slots = [seqs[j::m] for j in range(m)]  # round-robin: long and short prompts mix
+        self._caches = [KVCache() for _ in self.parts.layers]
+        self._slot_members: dict[int, tuple[int, ...]] = {}
+        self._closed_at: dict[int, int] = {}
+        self._awaiting: set[int] = set()
+        pipe = StreamingPipeline(
+            self._stage_fn,  # type: ignore[arg-type]
+            self.stage.pp_rank,
+            self.stage.pp_size,
+            self.stage.comm,
+            exists=self._exists,
+            launch=self._launch,
+            finish=self._finish,
+            on_result=self._on_result,
+            overlap=False,  # a slot's next step needs its tokens right after the previous exchange
+            platform=self.platform,
+        )
+        try:
+            delay = self.stage.pp_size - 1 if self.first else self.stage.pp_rank
+            while len(self._closed_at) < m or pipe.tick <= max(self._closed_at.values()) + delay:
+                pipe.run_until(pipe.tick)
+        finally:
+            pipe.close()
+            self._caches = []
+        return [s.generated for s in seqs] if self.first else None
+
+    def _exists(self, g: int) -> bool:
+        closed = self._closed_at.get(g % self.num_slots)
+        return closed is None or g <= closed
+
+    # -- first stage ------------------------------------------------------------------------------
+    def _launch(self, g: int) -> Any:
+        slot = g % self.num_slots
+        if slot in self._awaiting:
+            raise RuntimeError(f"slot {slot} launched before the tokens of its previous step came back.")
+        live = [s for s in self._slots[slot] if not s.done]
+        if not live:
+            return self._forward(self._header(g, slot, [], [], [], [], sentinel=True), None)
+        host_ids, num_new, start, sample = [], [], [], []
+        for s in live:
+            total = s.prompt.numel()
+            if s.consumed < total:  # prefill, maybe one chunk of it
+                n = total - s.consumed
+                if self.planner is not None:
+                    n = self.planner.next_chunk(s.consumed, n)
+                host_ids.append(s.prompt[s.consumed : s.consumed + n])
+                start.append(s.consumed)
+                s.consumed += n
+                sample.append(int(s.consumed == total))
+            else:  # decode the last sampled token
+                host_ids.append(torch.tensor([s.generated[-1]], dtype=torch.long))
+                start.append(total + len(s.generated) - 1)
+                n = 1
+                sample.append(1)
+            num_new.append(n)
+        self._awaiting.add(slot)
+        header = self._header(g, slot, [s.seq_id for s in live], num_new, start, sample, sentinel=False)
+        return self._forward(header, self.platform.pin(torch.cat(host_ids)))
+
+    def _on_result(self, g: int, result: dict) -> None:
+        slot = int(result["slot"][0])
+        self._awaiting.discard(slot)
+        by_id = {s.seq_id: s for s in self._slots[slot]}
+        for seq_id, token in zip(result["seq_ids"].tolist(), result["tokens"].tolist()):
+            if token < 0:
+                continue  # a prefill chunk before the prompt's last: nothing sampled
+            s = by_id[seq_id]
+            s.generated.append(token)
+            if token in self.eos or len(s.generated) >= self.max_new_tokens:
+                s.done = True
+
+    # -- every stage ------------------------------------------------------------------------------
+    def _header(self, g, slot, seq_ids, num_new, start, sample, *, sentinel: bool) -> dict:
+        dev = self.stage.device
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(dev)
+
+        return {
+            "slot": t([slot, g, int(sentinel)]),
+            "seq_ids": t(seq_ids),
+            "num_new": t(num_new),
+            "start": t(start),
+            "sample": t(sample),
+        }
+
+    def _stage_fn(self, payload: dict) -> dict:
+        return self._forward(payload, None)
+
+    def _finish(self, g: int, payload: dict) -> dict:
+        return self._forward(payload, None)
+
+    def _forward(self, payload: dict, host_ids: Optional[torch.Tensor]) -> dict:
+        """Runs this stage on one forward; returns the activation payload, or the result on the last stage."""
+        slot, g, sentinel = payload["slot"].tolist()
+        seq_ids = tuple(payload["seq_ids"].tolist())
+        previous = self._slot_members.get(slot, ())
+        gone = [i for i in previous if i not in seq_ids]
+        for cache in self._caches:  # sequences that left the slot (EOS, length) free their cache here
+            cache.free(gone)
+        self._slot_members[slot] = seq_ids
+        header = {k: payload[k] for k in ("slot", "seq_ids", "num_new", "start", "sample")}
+        if sentinel:
+            self._closed_at[slot] = g
+            return {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": header["seq_ids"]} if self.last else header
+        rows = StepRows(seq_ids, tuple(payload["num_new"].tolist()), tuple(payload["start"].tolist()))
+        if self.first:
+            hidden, residual = self.parts.embed(resolve_input_ids(host_ids, self.stage.device, self.platform))
+        else:
+            hidden, residual = payload["hidden"], payload["residual"]
+        for layer, cache in zip(self.parts.layers, self._caches):
+            hidden, residual = layer(hidden, residual, rows=rows, cache=cache)
+        if not self.last:
+            return {**header, "hidden": hidden, "residual": residual}
+        return {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": self._sample(hidden, rows, payload["sample"])}
+
+    def _sample(self, hidden: torch.Tensor, rows: StepRows, sample: torch.Tensor) -> torch.Tensor:
+        """Greedy token per sequence from its last row, ``-1`` where the rows end mid-prompt."""
+        ends = torch.tensor(rows.num_new, dtype=torch.long).cumsum(0) - 1
+        logits = self.parts.head(hidden[ends.to(hidden.device)])
+        tokens = logits.argmax(dim=-1)
+        return torch.where(sample.to(tokens.device) > 0, tokens, torch.full_like(tokens, -1))
+
+
+# -- latency predictor -----------------------------------------------------------------------------
+def init_chunk_planner(
+    parts: StageParts,
+    stage: StageContext,
+    *,
+    first_chunk: int,
+    profile_sizes: Optional[Sequence[int]] = None,
+    align: int = 1,
+) -> tuple[ChunkPlanner, Optional[str]]:
+    """Profiles the first stage, fits the latency model, and shares it with every stage.
+
+    All stages must call this together. Returns the planner and, if the predictor
+    could not be used, why (every stage then falls back to fixed chunks of ``first_chunk``).
+    """
+    model: Optional[LatencyModel] = None
+    reason: Optional[str] = None
+    if stage.pp_rank == 0:
+        sizes = list(profile_sizes or range(first_chunk // 2 or 1, 4 * first_chunk + 1, max(first_chunk // 2, 1)))
+        try:
+            xs, ys = profile_latency(_profile_run(parts, stage), sizes, device=stage.device)
+            model = fit_latency(xs, ys)
+        except (ValueError, RuntimeError) as error:  # a failed profile falls back; it must not stop the stage
+            reason = f"{type(error).__name__}: {error}"
+    group = stage.control_group if stage.pp_size > 1 else None
+    model = share_latency_model(model, src=stage.first_stage_rank, group=group)
+    if model is None and reason is None:
+        reason = "the first stage's profile failed"
+    return ChunkPlanner(first_chunk, model, align=align), reason
+
+
+def _profile_run(parts: StageParts, stage: StageContext) -> Callable[[int], None]:
+    platform = stage.platform or current_platform()
+    vocab = max(parts.vocab_size, 1)
+
+    @torch.no_grad()
+    def run(n: int) -> None:
+        # The same path as a launch: host ids, resolved only now (the seed's profiler saw None ids).
+        host_ids = platform.pin(torch.arange(n, dtype=torch.long) % vocab)
+        hidden, residual = parts.embed(resolve_input_ids(host_ids, stage.device, platform))  # type: ignore[misc]
+        rows = StepRows((0,), (n,), (0,))
+        for layer in parts.layers:
+            hidden, residual = layer(hidden, residual, rows=rows, cache=KVCache())
+
+    return run

@@ -1,0 +1,141 @@
+"""``trainer.predict`` for text generation: a LightningModule around a :class:`DecoderLM`.
+
+::
+
+    model = GenerationModule(DecoderLM.from_pretrained("path/to/llama"), max_new_tokens=64)
+    loader = DataLoader(PromptDataset(prompts), batch_size=8, collate_fn=collate_prompts)
+    outputs = L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy()).predict(model, loader)
+
+The decoder layers are the module's one direct ``nn.Sequential`` (``layers``), so
+:class:`~lightning_pp.strategy.PPStrategy` splits them over the pipeline ranks as
+for any other model. Generation then does not go through the strategy's
+streaming predict: ``PPStrategy.predict_step`` sees ``drives_own_pipeline`` and
+hands this module the rank's :class:`~lightning_pp.generation.StageContext`, and
+:class:`~lightning_pp.generation.PipelineGenerator` runs the stages. On one
+device (any other strategy) the same generator runs with a single stage.
+
+Each batch is a list of 1-D token-id tensors of any lengths; the prediction of a
+batch, on the first stage, is a list of generated id lists (EOS included).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lightning_pp.chunking import ChunkPlanner
+from lightning_pp.generation import PipelineGenerator, StageContext, StageParts, init_chunk_planner
+from lightning_pp.models.llama import DecoderLM
+
+__all__ = ["GenerationModule", "PromptDataset", "collate_prompts"]
+
+
+class PromptDataset(Dataset):
+    """Token-id prompts (lists or 1-D tensors) as 1-D ``long`` tensors."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]]) -> None:
+        self.prompts = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.prompts[i]
+
+
+def collate_prompts(items: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keeps ragged prompts as a list (no padding: the generator packs rows itself)."""
+    return list(items)
+
+
+class GenerationModule(L.LightningModule):
+    """Greedy generation with a KV cache, on one device or through a PPStrategy pipeline.
+
+    Args:
+        lm: the decoder; its pieces are taken over (``lm`` itself is not kept).
+        max_new_tokens: longest continuation per prompt.
+        eos_token_ids: tokens that stop a sequence; the model config's by default,
+            ``()`` for none.
+        num_microbatches: slots of sequences in flight; default the number of stages.
+            Set it explicitly to make a pipeline pack rows exactly as one device does.
+        prefill_chunk: prefill long prompts in chunks of this many tokens (first chunk
+            when the predictor is on); ``None`` prefills a prompt in one forward.
+        chunk_predictor: size chunks after the first for equal predicted latency
+            (profiled once, at the first batch, on the first stage).
+        profile_sizes: chunk sizes to profile (default around ``prefill_chunk``).
+    """
+
+    #: Tells PPStrategy to hand ``predict_step`` the stage context instead of streaming.
+    drives_own_pipeline = True
+
+    def __init__(
+        self,
+        lm: DecoderLM,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        num_microbatches: Optional[int] = None,
+        prefill_chunk: Optional[int] = None,
+        chunk_predictor: bool = False,
+        profile_sizes: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__()
+        if chunk_predictor and prefill_chunk is None:
+            raise ValueError("chunk_predictor=True sizes chunks from a first chunk: pass prefill_chunk as well.")
+        self.config = lm.config
+        self.embed_tokens, self.input_norm, self.lm_head = lm.embed_tokens, lm.input_norm, lm.lm_head
+        self.layers: nn.Module = lm.layers
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = tuple(lm.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.num_microbatches = num_microbatches
+        self.prefill_chunk, self.chunk_predictor = prefill_chunk, chunk_predictor
+        self.profile_sizes = profile_sizes
+        self.planner: Optional[ChunkPlanner] = None
+        #: Why the predictor is off (``None`` when on, or not requested).
+        self.predictor_fallback: Optional[str] = None
+
+    def _parts(self, stage: StageContext) -> StageParts:
+        stages = getattr(self.layers, "stages", None)  # a PipelinedSequential under PPStrategy
+        layers = list(stages[stage.pp_rank]) if stages is not None else list(self.layers)
+
+        def embed(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = self.embed_tokens(ids)
+            return self.input_norm(x), x
+
+        return StageParts(layers=layers, embed=embed, head=self.lm_head, vocab_size=self.config.vocab_size)
+
+    def _planner(self, parts: StageParts, stage: StageContext) -> Optional[ChunkPlanner]:
+        if self.prefill_chunk is None:
+            return None
+        if self.planner is None:
+            if self.chunk_predictor:
+                self.planner, self.predictor_fallback = init_chunk_planner(
+                    parts, stage, first_chunk=self.prefill_chunk, profile_sizes=self.profile_sizes
+                )
+                if self.predictor_fallback is not None and stage.pp_rank == 0:
+                    warnings.warn(f"chunk predictor off, using fixed chunks: {self.predictor_fallback}")
+            else:
+                self.planner = ChunkPlanner(self.prefill_chunk)
+        return self.planner
+
+    @torch.no_grad()
+    def predict_step(
+        self, batch: Sequence[torch.Tensor], batch_idx: int = 0, dataloader_idx: int = 0, *, stage: Optional[StageContext] = None
+    ) -> Optional[list[list[int]]]:
+        """Generated ids for each prompt of ``batch`` (``None`` on pipeline ranks other than the first)."""
+        stage = stage or StageContext(device=self.device)
+        parts = self._parts(stage)
+        generator = PipelineGenerator(
+            parts,
+            stage,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            planner=self._planner(parts, stage),
+            num_microbatches=self.num_microbatches,
+        )
+        return generator.generate(list(batch))

@@ -1,0 +1,348 @@
+"""A Llama-architecture decoder built from issue 6's layers, with a per-sequence KV cache.
+
+RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP,
+laid out as :class:`~lightning_pp.models.tp_block.TPTransformerBlock` lays out a
+block: every norm is fused with the all-reduce that precedes it, so a block ends
+with the *next* block's input norm::
+
+    ids ─► embed_tokens ─► input_norm ─► layers[0] ─► ... ─► layers[L-1] ─► lm_head
+                          (= HF layers.0.input_layernorm)    (output_norm = HF norm)
+
+Rows are *packed*: one forward call takes the new tokens of several sequences
+concatenated (``[rows, hidden]``), described by a :class:`StepRows`. Each layer
+keeps the keys and values of every sequence it has seen in a :class:`KVCache`
+entry of its own, so a pipeline stage holds exactly the cache of its layers.
+
+Loading: :meth:`DecoderLM.from_pretrained` reads a local Hugging Face directory
+(``config.json`` and ``*.safetensors``); it never touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from lightning_pp.comm.fused_allreduce import allreduce_add_rmsnorm
+from lightning_pp.models.tp_block import BlockConfig, BlockGroups, ParallelAttention, SwiGLUMLP
+from lightning_pp.parallel_layers import RMSNorm
+
+__all__ = ["DecoderConfig", "DecoderLM", "DecoderLayer", "KVCache", "RotaryEmbedding", "StepRows"]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of a Llama-style decoder (the subset of a Hugging Face ``LlamaConfig`` used here)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.block_config()  # validates head counts
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {self.num_layers}.")
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            ffn_hidden_size=self.intermediate_size,
+            num_kv_heads=self.num_kv_heads,
+            eps=self.rms_norm_eps,
+        )
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "DecoderConfig":
+        """Reads a Hugging Face ``config.json`` dict; refuses features this decoder does not implement."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"config.json has model_type {model_type!r}; DecoderLM implements Llama-style decoders.")
+        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        unsupported = {
+            "attention_bias": bool(hf.get("attention_bias", False)),
+            "mlp_bias": bool(hf.get("mlp_bias", False)),
+            "head_dim != hidden_size / num_attention_heads": int(hf.get("head_dim") or hidden // heads) != hidden // heads,
+            "hidden_act other than silu": hf.get("hidden_act", "silu") != "silu",
+            "sliding_window": bool(hf.get("sliding_window")) and bool(hf.get("use_sliding_window", True)),
+        }
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        unsupported[f"rope type {rope_type!r}"] = rope_type != "default"
+        found = [name for name, present in unsupported.items() if present]
+        if found:
+            raise ValueError(f"config.json uses {', '.join(found)}, which DecoderLM does not implement.")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """Which sequences the packed rows of one forward call belong to.
+
+    Rows ``[offsets[i], offsets[i] + num_new[i])`` are the new tokens of sequence
+    ``seq_ids[i]``, at positions ``start[i], start[i] + 1, ...`` (``start[i]`` tokens
+    of it are already cached).
+    """
+
+    seq_ids: tuple[int, ...]
+    num_new: tuple[int, ...]
+    start: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.seq_ids) == len(self.num_new) == len(self.start):
+            raise ValueError("seq_ids, num_new and start must have one entry per sequence.")
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.num_new)
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        parts = [torch.arange(s, s + n, device=device) for s, n in zip(self.start, self.num_new)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one layer, per sequence: ``seq_id -> ([len, Hkv, D], [len, Hkv, D])``."""
+
+    entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def length(self, seq_id: int) -> int:
+        entry = self.entries.get(seq_id)
+        return 0 if entry is None else entry[0].shape[0]
+
+    def extend(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self.entries.get(seq_id)
+        if old is not None:
+            k, v = torch.cat([old[0], k]), torch.cat([old[1], v])
+        self.entries[seq_id] = (k, v)
+        return k, v
+
+    def free(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.entries.pop(seq_id, None)
+
+
+class RotaryEmbedding:
+    """Rotary position embedding, rotating the two halves of each head (Llama's convention).
+
+    ``x · cos(p θ) + rotate_half(x) · sin(p θ)`` with ``θ_i = theta^(-2i / D)``,
+    ``rotate_half([x1, x2]) = [-x2, x1]``; angles in fp32.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}.")
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotates ``x`` (``[rows, heads, D]``) by its rows' ``positions``."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(x.device)[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class CachedAttention(ParallelAttention):
+    """:class:`ParallelAttention`'s projections, attending over each sequence's cached keys."""
+
+    def __init__(self, config: BlockConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
+        super().__init__(config, groups)
+        if groups.cp.size != 1:
+            raise ValueError("DecoderLM keeps a whole sequence's cache on one rank: use cp size 1.")
+        self.rope = rotary
+
+    def forward(self, x: torch.Tensor, *, rows: StepRows, cache: KVCache) -> torch.Tensor:  # type: ignore[override]
+        """This rank's partial ``o_proj`` output for the packed rows ``x``."""
+        n, head_dim = x.shape[0], self.config.head_dim
+        positions = rows.positions(x.device)
+        q = self.rope(self.q_proj(x).view(n, self.local_heads, head_dim), positions)
+        k = self.rope(self.k_proj(x).view(n, self.local_kv_heads, head_dim), positions)
+        v = self.v_proj(x).view(n, self.local_kv_heads, head_dim)
+        outs, offset = [], 0
+        for seq_id, num_new, start in zip(rows.seq_ids, rows.num_new, rows.start):
+            if cache.length(seq_id) != start:
+                raise RuntimeError(
+                    f"sequence {seq_id} has {cache.length(seq_id)} cached tokens but its rows start at position {start}."
+                )
+            sl = slice(offset, offset + num_new)
+            keys, values = cache.extend(seq_id, k[sl], v[sl])
+            outs.append(_attend(q[sl], keys, values, start))
+            offset += num_new
+        out = torch.cat(outs) if outs else q.new_zeros(0, self.local_heads, head_dim)
+        return self.o_proj(out.reshape(n, self.local_heads * head_dim))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of queries at positions ``start..`` over keys ``0..``; fp32 softmax.
+
+    Shapes: ``q`` ``[Q, H, D]``, ``k``/``v`` ``[K, Hkv, D]`` with ``K = start + Q``.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    q_pos = torch.arange(start, start + q.shape[0], device=q.device)
+    k_pos = torch.arange(k.shape[0], device=q.device)
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer; takes normalised hidden states and returns the next layer's input.
+
+    ``(hidden, residual) -> (output_norm(r'), r')`` with
+    ``r' = h + mlp(post_attention_norm(h))`` and ``h = residual + attn(hidden)``.
+    """
+
+    def __init__(self, config: DecoderConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        block = config.block_config()
+        self.eps, self.groups = block.eps, groups
+        self.attn = CachedAttention(block, groups, rotary)
+        self.post_attention_norm = RMSNorm(block.hidden_size, eps=block.eps)
+        self.mlp = SwiGLUMLP(block, groups)
+        self.output_norm = RMSNorm(block.hidden_size, eps=block.eps)
+
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor, *, rows: StepRows, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        partial = self.attn(hidden, rows=rows, cache=cache)
+        h, residual = allreduce_add_rmsnorm(partial, residual, self.post_attention_norm.weight, eps=self.eps, group=self.groups.attn_tp)
+        return allreduce_add_rmsnorm(self.mlp(h), residual, self.output_norm.weight, eps=self.eps, group=self.groups.mlp_tp)
+
+
+class DecoderLM(nn.Module):
+    """A Llama-style causal LM: ``embed_tokens``, ``input_norm``, ``layers`` (an ``nn.Sequential``), ``lm_head``.
+
+    Args:
+        config: model sizes.
+        groups: tensor-parallel groups of the attention and MLP (cp must be 1);
+            ``None`` runs unsharded with no process group.
+    """
+
+    def __init__(self, config: DecoderConfig, groups: Optional[BlockGroups] = None) -> None:
+        super().__init__()
+        self.config = config
+        groups = groups or BlockGroups.single()
+        rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.Sequential(*(DecoderLayer(config, groups, rotary) for _ in range(config.num_layers)))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # The three pieces a pipeline stage runs; see lightning_pp.generation.
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_norm(x), x)`` for token ids ``[rows]``: the first layer's input."""
+        x = self.embed_tokens(ids)
+        return self.input_norm(x), x
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from the last layer's (already normalised) output."""
+        return self.lm_head(normed)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` for full, unpadded sequences ``[batch, seq]`` (no cache kept)."""
+        batch, length = input_ids.shape
+        rows = StepRows(tuple(range(batch)), (length,) * batch, (0,) * batch)
+        hidden, residual = self.embed(input_ids.reshape(-1))
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, rows=rows, cache=KVCache())
+        return self.head(hidden).view(batch, length, -1)
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        groups: Optional[BlockGroups] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "DecoderLM":
+        """Loads a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
+
+        Each rank loads its tensor-parallel shard of every projection from the full weights.
+
+        Raises:
+            FileNotFoundError: the directory lacks ``config.json`` or safetensors files.
+            ValueError: the config uses features this decoder lacks, or tensors are missing/unexpected.
+        """
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model directory.")
+        with open(config_file) as f:
+            config = DecoderConfig.from_hf(json.load(f))
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} has no *.safetensors files (PyTorch .bin checkpoints are not read).")
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(os.path.join(path, name)))
+        model = cls(config, groups)
+        model._load_hf_state(state)
+        return model.to(dtype)
+
+    @torch.no_grad()
+    def _load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
+        state = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"the checkpoint has no tensor {name!r}; is it a Llama-style model?")
+            used.add(name)
+            return state[name]
+
+        num_layers = self.config.num_layers
+        self.embed_tokens.weight.copy_(take("embed_tokens.weight"))
+        self.input_norm.weight.copy_(take("layers.0.input_layernorm.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.attn, proj).load_full_weight_(take(p + f"self_attn.{proj}.weight"))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, proj).load_full_weight_(take(p + f"mlp.{proj}.weight"))
+            layer.post_attention_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+            # The fused layout: this layer ends with the next layer's input norm (the final norm last).
+            nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < num_layers else "norm.weight"
+            layer.output_norm.weight.copy_(take(nxt))
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        else:
+            self.lm_head.weight.copy_(take("lm_head.weight"))
+        unexpected = sorted(set(state) - used)
+        if unexpected:
+            raise ValueError(f"the checkpoint has tensors DecoderLM does not use: {unexpected[:5]}")
