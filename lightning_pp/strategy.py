@@ -23,7 +23,6 @@ same batches; gradients are averaged over the replicas of each stage.
 from __future__ import annotations
 
 import atexit
-import os
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -34,10 +33,8 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _init_dist_connection, _sync_ddp
-from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
@@ -47,19 +44,9 @@ from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 from typing_extensions import override
 
-from lightning_pp.checkpoint import (
-    gather_param_group_names,
-    indexed_to_named_optimizer_state,
-    is_sharded_checkpoint,
-    load_named_optimizer_state,
-    load_sharded_checkpoint,
-    named_optimizer_state,
-    param_order_key,
-    remove_checkpoint,
-    save_sharded_checkpoint,
-)
 from lightning_pp.balance import balance_by_time, profile_layer_times
 from lightning_pp.engine import PipelineExecutor
+from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sync_found_inf
 from lightning_pp.interrupts import install_interrupt_escalation
 from lightning_pp.microbatch import batch_rows, split_microbatches
 from lightning_pp.p2p import PipeComm, Transport
@@ -72,6 +59,8 @@ from lightning_pp.pipeline_module import (
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.schedules import SCHEDULES, Schedule, build_schedule
 from lightning_pp.trace import StepTracer, TraceOptions, TraceRecorder
+from lightning_pp.strategy_checkpoint import CheckpointMixin
+from lightning_pp.strategy_predict import PredictMixin
 from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
 
 __all__ = ["PPStrategy"]
@@ -84,7 +73,7 @@ def _normalise_schedule_name(name: str) -> str:
     return key
 
 
-class PPStrategy(ParallelStrategy):
+class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
     """Pipeline-parallel training and inference of a LightningModule's ``nn.Sequential``.
 
     Args:
@@ -319,7 +308,7 @@ class PPStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
-            _sync_found_inf(scaler)
+            sync_found_inf(scaler)
 
     def _balance_by_time(self, num_stages: int) -> list[int]:
         """Stage sizes from layer times measured on global rank 0, shared with every rank."""
@@ -347,93 +336,6 @@ class PPStrategy(ParallelStrategy):
         # error here a stalled rank would outlive the job (alive, never communicating,
         # so no peer's exit wakes it): a failed job takes every rank with it.
         self._stop_launched_ranks()
-
-    # -- checkpoints (the format lives in lightning_pp/checkpoint.py) -----------------------
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # Each rank reads only the layers it holds: the split must exist before loading.
-        return True
-
-    def _param_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.lightning_module.named_parameters()}
-
-    def _param_group_names(self) -> list[list[list[str]]]:
-        """Every optimizer group's parameter names over the pipeline, in one-device order (collective)."""
-        return gather_param_group_names(
-            self.optimizers,
-            self._param_names(),
-            param_order_key(self.lightning_module, self._pipelined_attr),
-            self._pp_cpu_group or self._pp_group,
-        )
-
-    @override
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        # Keyed by parameter name: indices differ from stage to stage and split to split.
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return named_optimizer_state(optimizer, self._param_names())
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Writes every stage's weights and optimizer state into the directory ``filepath`` (all ranks)."""
-        if storage_options is not None:
-            raise TypeError(
-                "PPStrategy writes sharded checkpoints with torch.distributed.checkpoint and takes no storage_options."
-            )
-        path = self.broadcast(str(filepath))
-        group_names = self._param_group_names() if "optimizer_states" in checkpoint else []
-        save_sharded_checkpoint(
-            path,
-            checkpoint,
-            param_group_names=group_names,
-            extra_meta={"pipeline_parallel_size": self.pp_size, "world_size": self.world_size},
-        )
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Reads this rank's stages from a PPStrategy checkpoint (any split) or a one-device checkpoint file."""
-        path = self.broadcast(str(checkpoint_path))
-        module = self.lightning_module
-        names = self._param_names()
-        local_names = [[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
-        if os.path.isfile(path) and not is_sharded_checkpoint(path):
-            # One-device Lightning checkpoint, or one made by consolidate_checkpoint.
-            checkpoint = super().load_checkpoint(path, weights_only=weights_only)
-            if self.optimizers and "optimizer_states" in checkpoint:
-                saved = checkpoint.get("lightning_pp", {}).get("optimizer_param_names")
-                group_names = saved or self._param_group_names()
-                checkpoint["optimizer_states"] = [
-                    indexed_to_named_optimizer_state(state, groups)
-                    for state, groups in zip(checkpoint["optimizer_states"], group_names)
-                ]
-            return checkpoint
-        return load_sharded_checkpoint(
-            path,
-            model_keys=list(module.state_dict()),
-            optimizer_param_names=local_names,
-            strict=module.strict_loading,
-            weights_only=weights_only,
-        )
-
-    @override
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        module = self.lightning_module
-        local = set(module.state_dict())
-        # A consolidated checkpoint holds every stage: keep this rank's layers.
-        module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in local}, strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        names = self._param_names()
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_named_optimizer_state(optimizer, state, names)
-            _optimizer_to_device(optimizer, self.root_device)
-
-    @override
-    def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_global_zero:
-            remove_checkpoint(filepath)
 
     # -- collectives ------------------------------------------------------------------------
     @override
@@ -629,19 +531,15 @@ class PPStrategy(ParallelStrategy):
         """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline."""
         assert self._pipelined is not None
         pipelined_ids = {id(p) for p in self._pipelined.parameters()}
-        reduced = []
-        for p, grad in zip(params, grads):
-            shared = id(p) not in pipelined_ids
-            if grad is None and (self.dp_size > 1 or (shared and self.pp_size > 1)):
-                grad = torch.zeros_like(p)
-            if grad is not None and shared and self.pp_size > 1:
-                # Used by the first and/or last stage only: every rank holds a copy.
-                dist.all_reduce(grad, group=self._pp_group)
-            if grad is not None and self.dp_size > 1:
-                dist.all_reduce(grad, group=self._dp_group)
-                grad.div_(self.dp_size)
-            reduced.append(grad)
-        return reduced
+        return reduce_stage_gradients(
+            params,
+            grads,
+            shared=lambda p: id(p) not in pipelined_ids,
+            pp_group=self._pp_group,
+            pp_size=self.pp_size,
+            dp_group=self._dp_group,
+            dp_size=self.dp_size,
+        )
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
@@ -671,23 +569,15 @@ class PPStrategy(ParallelStrategy):
         """``clip_grad_norm_`` with the norm taken over every stage's gradients."""
         assert self._pipelined is not None
         pipelined_ids = {id(p) for p in self._pipelined.parameters()}
-        grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None and (id(p) in pipelined_ids or self.pp_rank == 0)
-        ]
-        local = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for grad in grads:
-            local += grad.detach().double().pow(2).sum()
-        if self.pp_size > 1:
-            dist.all_reduce(local, group=self._pp_group)
-        total_norm = local.sqrt()
-        clip_coef = (float(clip_val) / (total_norm + 1e-6)).clamp(max=1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(clip_coef.to(p.grad.dtype))
+        clip_grad_norm_across_stages(
+            optimizer.param_groups,
+            clip_val,
+            # Parameters outside the Sequential are copies on every stage: count them once.
+            counted=lambda p: id(p) in pipelined_ids or self.pp_rank == 0,
+            pp_group=self._pp_group,
+            pp_size=self.pp_size,
+            device=self.root_device,
+        )
 
     def _eval_step(self, hook: str, args: tuple, kwargs: dict, combine: str) -> Any:
         batch, rest = args[0], args[1:]
@@ -709,182 +599,6 @@ class PPStrategy(ParallelStrategy):
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._eval_step("test_step", args, kwargs, combine="mean")
 
-    @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Streams batches through the pipeline; returns batch ``k``'s output on each replica's first stage.
-
-        Other stages return ``None`` (prediction writers are muted there). See
-        :mod:`lightning_pp.prediction`.
-        """
-        if _drives_own_pipeline(self._lightning_module):
-            # Generation runs its own loop over the stages (lightning_pp.generation).
-            with self.precision_plugin.predict_step_context():
-                return self.lightning_module.predict_step(*args, stage=self._generation_stage(), **kwargs)
-        stream, batch_idx = self._predict_stream(args)
-        if stream is None:
-            return self._eval_step("predict_step", args, kwargs, combine="concat")
-        with self.precision_plugin.predict_step_context():
-            return stream.step(batch_idx)
-
-    def _generation_stage(self) -> Any:
-        """This rank's place in the pipeline, for modules that drive their own pipeline loop."""
-        from lightning_pp.generation import StageContext
-
-        assert self._comm is not None
-        return StageContext(
-            pp_rank=self.pp_rank,
-            pp_size=self.pp_size,
-            comm=self._comm if self.pp_size > 1 else None,
-            device=self.root_device,
-            platform=platform_for(self.root_device),
-            control_group=self._pp_cpu_group if self._pp_cpu_group is not None else self._pp_group,
-            first_stage_rank=self._comm.global_rank(0),
-        )
-
-    # -- streaming predict ------------------------------------------------------------------
-    #: Stream predict batches across batch boundaries (``False``: one forward-only
-    #: schedule per batch, the fill/drain bubble every batch; benchmarks compare both).
-    _predict_streaming: bool = True
-    _predict_streams: Optional[dict] = None
-    _muted_writers: Optional[list] = None
-
-    def _predict_feed(self, dataloader_idx: int) -> Any:
-        """The read-ahead feed of predict dataloader ``dataloader_idx``, or ``None`` when not streaming."""
-        from lightning_pp.prediction import PredictFeed
-
-        module = self._lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        if trainer is None or not trainer.predicting or self._predict_streams is None:
-            return None
-        combined = trainer.predict_loop._combined_loader
-        if combined is None or not 0 <= dataloader_idx < len(combined.flattened):
-            return None
-        feed = combined.flattened[dataloader_idx]
-        return feed if isinstance(feed, PredictFeed) else None
-
-    def _predict_stream(self, args: tuple) -> tuple[Any, int]:
-        """The stream for this ``predict_step`` call (created on a dataloader's first batch), and the batch index."""
-        from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-
-        from lightning_pp.prediction import PredictStream
-
-        module = self.lightning_module
-        assert module is not None and self._pipelined is not None and self._predict_streams is not None
-        trainer = module.trainer
-        combined = trainer.predict_loop._combined_loader
-        multiple = combined is not None and len(combined.flattened) > 1
-        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
-        rest = args[1:]
-        dataloader_idx = int(rest[-1]) if multiple and rest else 0
-        feed = self._predict_feed(dataloader_idx)
-        if feed is None:
-            return None, 0
-        stream = self._predict_streams.get(dataloader_idx)
-        if stream is None or stream.feed is not feed:
-            feed.limit = trainer.predict_loop.max_batches[dataloader_idx]
-            tail = (dataloader_idx,) if multiple else ()
-
-            def step_args(k: int) -> tuple:
-                return ((k,) if takes_batch_idx else ()) + tail
-
-            def prepare(batch: Any) -> Any:
-                batch = self.precision_plugin.convert_input(batch)
-                return module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-
-            stream = PredictStream(
-                feed,
-                stage=self._pipelined.stages[self.pp_rank],
-                pipelined=self._pipelined,
-                user_step=module.predict_step,
-                step_args=step_args,
-                prepare=prepare,
-                num_microbatches=self.num_microbatches,
-                pp_rank=self.pp_rank,
-                pp_size=self.pp_size,
-                comm=self._comm if self.pp_size > 1 else None,
-                device=self.root_device,
-                platform=platform_for(self.root_device),
-                sequential_name=f"self.{self._pipelined_attr}",
-            )
-            self._predict_streams[dataloader_idx] = stream
-        batch_idx = int(rest[0]) if takes_batch_idx else stream.next_batch
-        return stream, batch_idx
-
-    @override
-    def process_dataloader(self, dataloader: object) -> object:
-        from lightning_pp.prediction import PredictFeed
-
-        module = self._lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        if _drives_own_pipeline(module):
-            return dataloader
-        if self._predict_streaming and self.virtual_stages == 1 and trainer is not None and trainer.predicting:
-            return PredictFeed(dataloader)
-        return super().process_dataloader(dataloader)
-
-    @override
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if self._predict_feed(dataloader_idx) is not None or _drives_own_pipeline(self._lightning_module):
-            # Deferred host-to-device copy: the pipeline copies each microbatch when it
-            # launches, from pinned memory where the platform can do so asynchronously.
-            return batch
-        return super().batch_to_device(batch, device, dataloader_idx)
-
-    @override
-    def on_predict_start(self) -> None:
-        from lightning_pp.prediction import mute_prediction_writers
-
-        self._predict_streams = {}
-        if self.pp_rank != 0:
-            # Only the first stage of a replica holds its predictions.
-            self._muted_writers = mute_prediction_writers(self.lightning_module.trainer.callbacks)
-
-    @override
-    def on_predict_end(self) -> None:
-        from lightning_pp.prediction import unmute_prediction_writers
-
-        unmute_prediction_writers(self._muted_writers or [])
-        self._muted_writers = None
-        for stream in (self._predict_streams or {}).values():
-            stream.close()
-        self._predict_streams = None
-        if self.dp_size > 1:
-            self._gather_replica_predictions()
-
-    def _gather_replica_predictions(self) -> None:
-        """Global rank 0 gets every replica's predictions, as one device would return them."""
-        from lightning_pp.prediction import gather_replica_predictions
-
-        loop = self.lightning_module.trainer.predict_loop
-        if not loop.return_predictions:
-            return
-        combined = loop._combined_loader
-        per_loader = []
-        for i, predictions in enumerate(loop._predictions):
-            sampler = getattr(combined.flattened[i], "batch_sampler", None) if combined is not None else None
-            indices = list(getattr(sampler, "seen_batch_indices", []))[: len(predictions)]
-            per_loader.append((list(predictions), indices, getattr(sampler, "batch_size", None)))
-        payload = per_loader if self.pp_rank == 0 else None
-        gathered: Optional[list[Any]] = [None] * dist.get_world_size() if self.global_rank == 0 else None
-        dist.gather_object(payload, gathered, dst=0)
-        if gathered is None:
-            return
-        replicas = [gathered[d * self.pp_size] for d in range(self.dp_size)]
-        for i, predictions in enumerate(loop._predictions):
-            merged = gather_replica_predictions(
-                [(replica[i][0], replica[i][1]) for replica in replicas], per_loader[i][2]
-            )
-            if merged is None:
-                merged = [batch for replica in replicas for batch in replica[i][0]]
-            # In place: the loop already handed this list to `trainer.predict` as its result.
-            predictions[:] = merged
-
-
-def _drives_own_pipeline(module: Any) -> bool:
-    """A module (e.g. ``GenerationModule``) whose ``predict_step`` runs the stages itself."""
-    trainer = getattr(module, "_trainer", None) if module is not None else None
-    return bool(getattr(module, "drives_own_pipeline", False)) and trainer is not None and trainer.predicting
-
 
 def _to_cpu(obj: Any) -> Any:
     return move_data_to_device(obj, torch.device("cpu"))
@@ -892,26 +606,6 @@ def _to_cpu(obj: Any) -> Any:
 
 def _to_device(obj: Any, device: torch.device) -> Any:
     return move_data_to_device(obj, device)
-
-
-def _sync_found_inf(scaler: Any) -> None:
-    """Makes every rank skip (or take) an fp16 optimizer step together.
-
-    NOTE: ``GradScaler.unscale_`` looks for inf/NaN only in this rank's gradients.
-    One stage skipping a step that another takes would split the model, and their
-    loss scales would drift apart; so the finding is all-reduced (max) over the world.
-    """
-    if getattr(scaler.unscale_, "_lightning_pp_synced", False):
-        return
-    unscale = scaler.unscale_
-
-    def unscale_(optimizer: Any) -> None:
-        unscale(optimizer)
-        for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-
-    unscale_._lightning_pp_synced = True  # type: ignore[attr-defined]
-    scaler.unscale_ = unscale_
 
 
 def _destroy_process_group() -> None:

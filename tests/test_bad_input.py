@@ -109,10 +109,8 @@ def _fit_and_report(rank, world_size, model_name, num_items_by_rank=None, rerais
 
     model = globals()[model_name]()
     num_items = (num_items_by_rank or {}).get(rank, 16)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=world_size, strategy=PPStrategy(balance=[2, 7] if model_name == "TextBetweenStages" else None),
-        **trainer_kwargs(),
-    )
+    balance = [2, 7] if model_name == "TextBetweenStages" else None
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=PPStrategy(balance=balance), **trainer_kwargs())
     try:
         trainer.fit(model, make_loader(num_items=num_items, batch_size=8))
     except Exception as error:  # noqa: BLE001 - the test inspects it
@@ -162,13 +160,13 @@ def test_errors_one_stage_sees_end_the_job(model_name, failing_rank, match):
 
 
 def _found_inf_after_unscale(rank, world_size):
-    from lightning_pp.strategy import _sync_found_inf
+    from lightning_pp.gradients import sync_found_inf
 
     param = nn.Parameter(torch.ones(2))
     param.grad = torch.tensor([1.0, float("inf") if rank == 1 else 1.0])
     optimizer = torch.optim.SGD([param], lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
-    _sync_found_inf(scaler)
+    sync_found_inf(scaler)
     scaler.scale(torch.ones(()))
     scaler.unscale_(optimizer)
     scaler.step(optimizer)

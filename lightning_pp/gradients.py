@@ -1,0 +1,119 @@
+"""Gradients across pipeline stages and data-parallel replicas.
+
+Nothing here knows Lightning; the strategy calls these after its schedule ran.
+
+* :func:`reduce_stage_gradients` averages each stage's gradients over its
+  data-parallel replicas and sums the gradients of parameters that live outside
+  the pipelined ``nn.Sequential`` (every rank holds a copy; only the first and/or
+  last stage use them) over the pipeline. Gradients travel in one flat buffer per
+  dtype and device, not one collective per parameter.
+* :func:`clip_grad_norm_across_stages` is ``torch.nn.utils.clip_grad_norm_`` with
+  the norm of the *whole* model: each rank sums the squares of its own stage's
+  gradients and the pipeline adds them up.
+* :func:`sync_found_inf` makes every rank skip an fp16 step together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sync_found_inf"]
+
+
+def _all_reduce_flat(tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup], scale: float = 1.0) -> None:
+    """Sums ``tensors`` over ``group`` in place, one collective per (dtype, device)."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def reduce_stage_gradients(
+    params: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
+    *,
+    shared: Callable[[Tensor], bool],
+    pp_group: Optional[dist.ProcessGroup],
+    pp_size: int,
+    dp_group: Optional[dist.ProcessGroup],
+    dp_size: int,
+) -> list[Optional[Tensor]]:
+    """Returns ``grads`` summed over the pipeline (for ``shared`` parameters) and averaged over replicas.
+
+    A missing gradient becomes zeros wherever a collective needs it, so every rank
+    of a group reduces the same tensors in the same order.
+    """
+    out = list(grads)
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        needs = dp_size > 1 or (shared(p) and pp_size > 1)
+        if grad is None and needs:
+            out[i] = torch.zeros_like(p)
+    if pp_size > 1:
+        pipeline_copies = [g for p, g in zip(params, out) if shared(p) and g is not None]
+        if pipeline_copies:
+            _all_reduce_flat(pipeline_copies, pp_group)
+    if dp_size > 1:
+        _all_reduce_flat([g for g in out if g is not None], dp_group, scale=1.0 / dp_size)
+    return out
+
+
+def clip_grad_norm_across_stages(
+    param_groups: Iterable[dict[str, Any]],
+    max_norm: Union[int, float],
+    *,
+    counted: Callable[[Tensor], bool],
+    pp_group: Optional[dist.ProcessGroup],
+    pp_size: int,
+    device: torch.device,
+) -> Tensor:
+    """Scales gradients so that the norm over all stages is at most ``max_norm``; returns that norm.
+
+    Args:
+        counted: whether this rank's copy of a parameter enters the norm (parameters
+            held by every stage count on one stage only).
+    """
+    params = [p for group in param_groups for p in group["params"] if p.grad is not None]
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if counted(p):
+            local += p.grad.detach().double().pow(2).sum()
+    if pp_size > 1:
+        dist.all_reduce(local, group=pp_group)
+    total_norm = local.sqrt()
+    # The same formula as torch.nn.utils.clip_grad_norm_.
+    clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(clip_coef.to(p.grad.dtype))
+    return total_norm
+
+
+def sync_found_inf(scaler: Any) -> None:
+    """Makes every rank skip (or take) an fp16 optimizer step together.
+
+    NOTE: ``GradScaler.unscale_`` looks for inf/NaN only in this rank's gradients.
+    One stage skipping a step that another takes would split the model, and their
+    loss scales would drift apart; so the finding is all-reduced (max) over the world.
+    """
+    if getattr(scaler.unscale_, "_lightning_pp_synced", False):
+        return
+    unscale = scaler.unscale_
+
+    def unscale_(optimizer: Any) -> None:
+        unscale(optimizer)
+        for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+
+    unscale_._lightning_pp_synced = True  # type: ignore[attr-defined]
+    scaler.unscale_ = unscale_
