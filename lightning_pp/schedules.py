@@ -453,19 +453,7 @@ def _message_instants(
 
 
 # The checking and timing half lives in schedule_sim.py (it only looks at the data
-# model above); these names are re-exported so callers need one import.
-_SIM_NAMES = frozenset(
-    {
-        "TimedAction",
-        "bubble_fraction",
-        "ideal_bubble_fraction",
-        "peak_live_activations",
-        "simulate",
-        "validate_schedule",
-    }
-)
-
-
+# model above); its public names are re-exported lazily so callers need one import.
 def validate_schedule(schedule: Schedule) -> None:
     """Checks ``schedule`` and replays it with blocking sends; see :mod:`lightning_pp.schedule_sim`."""
     from lightning_pp.schedule_sim import validate_schedule as _validate
@@ -474,9 +462,8 @@ def validate_schedule(schedule: Schedule) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SIM_NAMES:
-        from lightning_pp import schedule_sim
+    from lightning_pp import schedule_sim
 
+    if name in schedule_sim.__all__:
         return getattr(schedule_sim, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
