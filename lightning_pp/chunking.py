@@ -73,6 +73,15 @@ def fit_latency(sizes: Sequence[int], latencies: Sequence[float]) -> LatencyMode
     a, b, c = torch.linalg.lstsq(design, y[:, None]).solution.flatten().tolist()
     if not a > 0:
         raise FitError(f"fitted a={a:.3g} is not positive: latency does not grow quadratically with chunk size.")
+    smallest = float(x.min())
+    if not 2 * a * smallest + b > 0:
+        # A fit that falls over part of the profiled range (b far below zero) says the
+        # timings are dominated by noise or fixed overhead; sizing chunks from it gave
+        # chunks of a few tokens on CPU. Fixed chunks are the honest answer then.
+        raise FitError(
+            f"fitted latency {a:.3g}·n² + {b:.3g}·n + {c:.3g} decreases between n={smallest:g} and "
+            f"n={-b / (2 * a):.0f}: the timings do not support equal-time chunks."
+        )
     return LatencyModel(a, b, c)
 
 

@@ -132,6 +132,8 @@ def test_fit_recovers_a_quadratic_and_refuses_bad_samples():
     assert fit.a == pytest.approx(truth.a, rel=0.2) and fit.b == pytest.approx(truth.b, rel=0.2)
     with pytest.raises(FitError, match="not positive"):
         fit_latency(sizes, [1.0 - 1e-5 * n * n for n in sizes])  # concave
+    with pytest.raises(FitError, match="decreases between"):
+        fit_latency(sizes, [5e-3 + 1e-6 * n * n - 2e-4 * n for n in sizes])  # falls before it rises
     with pytest.raises(FitError, match="three or more"):
         fit_latency([8, 8, 16], [1.0, 1.0, 2.0])
     with pytest.raises(FitError, match="NaN"):
