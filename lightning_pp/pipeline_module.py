@@ -118,7 +118,7 @@ def partition_module(
     """
     attr, sequential = find_pipelined_sequential(module, name)
     if isinstance(sequential, PipelinedSequential):
-        if set(sequential.stages) != set(local_stages) or len(sequential.stage_slices) != len(local_stages):
+        if set(sequential.stages) != set(local_stages):
             raise ValueError(
                 f"{type(module).__name__}.{attr} was already split for another pipeline layout. Create a fresh "
                 "model (or load it from a consolidated checkpoint) to use a different PPStrategy layout."

@@ -177,6 +177,7 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         self._dp_group: Optional[dist.ProcessGroup] = None
         self._pipelined: Optional[PipelinedSequential] = None
         self._pipelined_attr = ""
+        self._pipelined_param_ids: frozenset[int] = frozenset()
         self._comm: Optional[PipeComm] = None
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         self._pending_grads: Optional[list[Optional[Tensor]]] = None
@@ -297,6 +298,8 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             local_stages=local_stages,
             balance=self.balance,
         )
+        # Parameters outside the Sequential are copies held by every stage.
+        self._pipelined_param_ids = frozenset(id(p) for p in self._pipelined.parameters())
         if self._trace_options is not None and self._tracer is None:
             self._tracer = StepTracer(self._trace_options, self.global_rank, self.pp_rank, self.pp_size)
         self.precision_plugin.convert_module(self.model)
@@ -403,14 +406,17 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             sequential_name=f"self.{self._pipelined_attr}",
         )
 
-    @contextmanager
-    def _microbatch_steps(self, hook: str, batch: Any, args: tuple, kwargs: dict) -> Iterator[tuple]:
-        """Splits ``batch`` and yields ``(step_fn, weights, recorder)`` for the user's ``hook``."""
-        module = self.lightning_module
-        assert module is not None and self._pipelined is not None
+    def _split(self, batch: Any) -> tuple[list[Any], list[float]]:
+        """The batch's microbatches (one per row at most) and each one's share of the rows."""
         rows = batch_rows(batch)
         microbatches = split_microbatches(batch, min(self.num_microbatches, rows))
-        weights = [batch_rows(mb) / rows for mb in microbatches]
+        return microbatches, [batch_rows(mb) / rows for mb in microbatches]
+
+    @contextmanager
+    def _microbatch_steps(self, hook: str, microbatches: list[Any], args: tuple, kwargs: dict) -> Iterator[tuple]:
+        """Yields ``(step_fn, recorder)`` running the user's ``hook`` on each microbatch."""
+        module = self.lightning_module
+        assert module is not None and self._pipelined is not None
         recorder = LogRecorder()
         user_step = getattr(module, hook)
         pipelined = self._pipelined
@@ -426,7 +432,7 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
         module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign]
         try:
-            yield step_fn, weights, recorder
+            yield step_fn, recorder
         finally:
             del module.log, module.log_dict
 
@@ -459,11 +465,12 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
-        schedule = self._schedule(min(self.num_microbatches, batch_rows(batch)), forward_only=False)
+        microbatches, weights = self._split(batch)
+        schedule = self._schedule(len(microbatches), forward_only=False)
         with self._traced_step(schedule) as tracer:
             with self.precision_plugin.train_step_context(), self._microbatch_steps(
-                "training_step", batch, rest, kwargs
-            ) as (step_fn, weights, recorder):
+                "training_step", microbatches, rest, kwargs
+            ) as (step_fn, recorder):
 
                 def loss_fn(k: int, step_output: Any) -> Tensor:
                     # One device back-propagates mean(batch) / accumulate: each microbatch
@@ -529,12 +536,10 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
 
     def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline."""
-        assert self._pipelined is not None
-        pipelined_ids = {id(p) for p in self._pipelined.parameters()}
         return reduce_stage_gradients(
             params,
             grads,
-            shared=lambda p: id(p) not in pipelined_ids,
+            shared=lambda p: id(p) not in self._pipelined_param_ids,
             pp_group=self._pp_group,
             pp_size=self.pp_size,
             dp_group=self._dp_group,
@@ -567,13 +572,11 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the norm taken over every stage's gradients."""
-        assert self._pipelined is not None
-        pipelined_ids = {id(p) for p in self._pipelined.parameters()}
         clip_grad_norm_across_stages(
             optimizer.param_groups,
             clip_val,
             # Parameters outside the Sequential are copies on every stage: count them once.
-            counted=lambda p: id(p) in pipelined_ids or self.pp_rank == 0,
+            counted=lambda p: id(p) in self._pipelined_param_ids or self.pp_rank == 0,
             pp_group=self._pp_group,
             pp_size=self.pp_size,
             device=self.root_device,
@@ -583,7 +586,8 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         batch, rest = args[0], args[1:]
         plugin = self.precision_plugin
         context = plugin.val_step_context() if hook != "predict_step" else plugin.predict_step_context()
-        with context, self._microbatch_steps(hook, batch, rest, kwargs) as (step_fn, weights, recorder):
+        microbatches, weights = self._split(batch)
+        with context, self._microbatch_steps(hook, microbatches, rest, kwargs) as (step_fn, recorder):
             results = self._executor(self._schedule(len(weights), forward_only=True)).run(step_fn)
         output = None
         outputs = [results[k] for k in sorted(results)]
