@@ -33,8 +33,16 @@ class PipelinedSequential(nn.Module):
     layers on the activation received from the previous stage.
     """
 
-    def __init__(self, layers: dict[int, nn.Module], stage_slices: dict[int, range], num_layers: int) -> None:
+    def __init__(
+        self,
+        layers: dict[int, nn.Module],
+        stage_slices: dict[int, range],
+        num_layers: int,
+        layout: tuple[int, Optional[tuple[int, ...]]] = (1, None),
+    ) -> None:
         super().__init__()
+        #: ``(num_stages, balance)`` the split was made with, to refuse reuse under another.
+        self.layout = layout
         for index, layer in layers.items():
             self.add_module(str(index), layer)
         self.num_layers = num_layers
@@ -118,7 +126,8 @@ def partition_module(
     """
     attr, sequential = find_pipelined_sequential(module, name)
     if isinstance(sequential, PipelinedSequential):
-        if set(sequential.stages) != set(local_stages):
+        layout = (num_stages, tuple(balance) if balance is not None else None)
+        if sequential.layout != layout or set(sequential.stages) != set(local_stages):
             raise ValueError(
                 f"{type(module).__name__}.{attr} was already split for another pipeline layout. Create a fresh "
                 "model (or load it from a consolidated checkpoint) to use a different PPStrategy layout."
@@ -128,7 +137,8 @@ def partition_module(
     layers = list(sequential.children())
     mine = {stage: slices[stage] for stage in local_stages}
     kept = {i: layers[i] for indices in mine.values() for i in indices}
-    pipelined = PipelinedSequential(kept, mine, num_layers=len(layers))
+    layout = (num_stages, tuple(balance) if balance is not None else None)
+    pipelined = PipelinedSequential(kept, mine, num_layers=len(layers), layout=layout)
     setattr(module, attr, pipelined)
     return attr, pipelined
 

@@ -176,3 +176,17 @@ def _found_inf_after_unscale(rank, world_size):
 def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage():
     # Without the sync, rank 0 would step (params change) while rank 1 skips.
     assert run_on_ranks(_found_inf_after_unscale, 2) == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_a_model_split_for_one_layout_is_not_reused_under_another():
+    from lightning_pp.pipeline_module import partition_module
+
+    model = LitLM()
+    partition_module(model, name=None, num_stages=2, local_stages=[0])
+    # Same split again: left as it is (fit, then predict with the same strategy).
+    assert partition_module(model, name=None, num_stages=2, local_stages=[0])[1] is model.layers
+    # Rank 0 of a 4-stage pipeline holds fewer layers than rank 0 of a 2-stage one.
+    with pytest.raises(ValueError, match="already split for another pipeline layout"):
+        partition_module(model, name=None, num_stages=4, local_stages=[0])
+    with pytest.raises(ValueError, match="already split for another pipeline layout"):
+        partition_module(model, name=None, num_stages=2, local_stages=[0], balance=[1, 6])
