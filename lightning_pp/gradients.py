@@ -8,8 +8,9 @@ Nothing here knows Lightning; the strategy calls these after its schedule ran.
   last stage use them) over the pipeline. Gradients travel in one flat buffer per
   dtype and device, not one collective per parameter.
 * :func:`clip_grad_norm_across_stages` is ``torch.nn.utils.clip_grad_norm_`` with
-  the norm of the *whole* model: each rank sums the squares of its own stage's
-  gradients and the pipeline adds them up.
+  the norm of the *whole* model: each rank sums the squares of the gradients it
+  alone counts (its stage's; one copy of anything held twice) and the replica
+  adds them up.
 * :func:`sync_found_inf` makes every rank skip an fp16 step together.
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sync_found_inf"]
+__all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sum_over_group", "sync_found_inf"]
 
 
 def _all_reduce_flat(tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup], scale: float = 1.0) -> None:
@@ -38,6 +39,12 @@ def _all_reduce_flat(tensors: Sequence[Tensor], group: Optional[dist.ProcessGrou
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def sum_over_group(tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup]) -> None:
+    """Sums ``tensors`` in place over ``group`` (nothing to do for ``None``, a group of one)."""
+    if group is not None and tensors:
+        _all_reduce_flat(tensors, group)
 
 
 def reduce_stage_gradients(
@@ -74,23 +81,24 @@ def clip_grad_norm_across_stages(
     max_norm: Union[int, float],
     *,
     counted: Callable[[Tensor], bool],
-    pp_group: Optional[dist.ProcessGroup],
-    pp_size: int,
+    group: Optional[dist.ProcessGroup],
     device: torch.device,
 ) -> Tensor:
     """Scales gradients so that the norm over all stages is at most ``max_norm``; returns that norm.
 
     Args:
-        counted: whether this rank's copy of a parameter enters the norm (parameters
-            held by every stage count on one stage only).
+        counted: whether this rank's copy of a parameter enters the norm (a tensor
+            held by several ranks counts on one of them only).
+        group: every rank holding part of the model (one data-parallel replica);
+            ``None`` when that is this rank alone.
     """
     params = [p for group in param_groups for p in group["params"] if p.grad is not None]
     local = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if counted(p):
             local += p.grad.detach().double().pow(2).sum()
-    if pp_size > 1:
-        dist.all_reduce(local, group=pp_group)
+    if group is not None:
+        dist.all_reduce(local, group=group)
     total_norm = local.sqrt()
     # The same formula as torch.nn.utils.clip_grad_norm_.
     clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)

@@ -15,9 +15,13 @@ Lightning zeroes gradients *between* ``training_step`` and ``backward``, so the
 schedule cannot leave its gradients in ``.grad``; it cannot wait for ``backward``
 either, because the step must return the loss that only the schedule computes.
 
-Ranks form a ``(dp, pp)`` mesh: consecutive global ranks are the stages of one
-pipeline replica, replicas are data parallel. Every stage of a replica reads the
-same batches; gradients are averaged over the replicas of each stage.
+Ranks form a ``(pp, dp, cp, tp)`` mesh laid out by :mod:`lightning_pp.topology`
+(``tp`` fastest, ``pp`` slowest, so tensor-parallel peers are neighbours and a
+pipeline stage is one block of ``dp * cp * tp`` ranks). Replicas are data
+parallel: every rank of a replica reads the same batches, and gradients are
+averaged over the replicas of each stage. Tensor- and context-parallel layers
+(:mod:`lightning_pp.parallel_layers`) get their groups from
+``strategy.topology``, which exists from ``configure_model`` on.
 """
 
 from __future__ import annotations
@@ -41,14 +45,14 @@ from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_s
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.distributed.device_mesh import init_device_mesh
 from typing_extensions import override
 
 from lightning_pp.balance import balance_by_time, profile_layer_times
 from lightning_pp.engine import PipelineExecutor
-from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sync_found_inf
+from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sum_over_group, sync_found_inf
 from lightning_pp.interrupts import install_interrupt_escalation
 from lightning_pp.microbatch import batch_rows, split_microbatches
+from lightning_pp.model_parallel import counts_once, cp_partial_parameter_ids, pre_initialize_stage_fusion
 from lightning_pp.p2p import PipeComm, Transport
 from lightning_pp.pipeline_module import (
     PipelinedSequential,
@@ -58,6 +62,7 @@ from lightning_pp.pipeline_module import (
 )
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_pp.topology import MeshShape, RankTopology, build_topology
 from lightning_pp.trace import StepTracer, TraceOptions, TraceRecorder
 from lightning_pp.strategy_checkpoint import CheckpointMixin
 from lightning_pp.strategy_predict import PredictMixin
@@ -78,8 +83,9 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
 
     Args:
         pipeline_parallel_size: pipeline stages per replica; ``None`` uses every device
-            (no data parallelism). The world size must be a multiple of it; the
-            quotient is the number of data-parallel replicas.
+            left after the tensor/context-parallel axes (no data parallelism). The
+            world size must be a multiple of ``pp * cp * tp``; the quotient is the
+            number of data-parallel replicas.
         num_microbatches: microbatches per batch; ``None`` means ``2 * pipeline_parallel_size``.
             A batch with fewer rows uses one microbatch per row.
         schedule: ``"1F1B"`` (default), ``"GPipe"`` or ``"Interleaved1F1B"``.
@@ -95,6 +101,18 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             has more than one.
         transport: the point-to-point mover (tests use one whose sends wait for receivers).
         process_group_backend: override the platform's backend.
+        tensor_parallel_size: ranks that split each tensor-parallel layer of a stage
+            (the mesh's ``tp`` axis); build such layers in ``configure_model`` from
+            ``self.trainer.strategy.topology``.
+        context_parallel_size: ranks that split each sequence's tokens (the ``cp``
+            axis; attention gathers keys and values over it).
+        attention_data_parallel_size: data-parallel attention (SGLang's "DP
+            attention") for inference: the ``cp`` axis holds separate sequences per
+            rank while the MLP stays split over ``cp x tp``. Excludes
+            ``context_parallel_size``; not for training.
+        fused_allreduce_max_tokens: the most rows one fused all-reduce + RMSNorm call
+            may pass to a FlashInfer kernel (its workspace is sized for it, once,
+            during setup); larger calls use the exact fallback.
         timeout: how long any collective or point-to-point transfer may wait for a peer
             before the job fails with an error naming the stage, the peer and the
             operation (a stalled or lost stage). ``None`` waits forever.
@@ -125,6 +143,10 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = timedelta(minutes=30),
         check_finite_loss: bool = True,
+        tensor_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        attention_data_parallel_size: int = 1,
+        fused_allreduce_max_tokens: int = 2048,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -150,6 +172,30 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
                 "schedule='Interleaved1F1B', and that schedule needs virtual_stages >= 2."
             )
         self._requested_pp_size = pipeline_parallel_size
+        for name, size in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("context_parallel_size", context_parallel_size),
+            ("attention_data_parallel_size", attention_data_parallel_size),
+            ("fused_allreduce_max_tokens", fused_allreduce_max_tokens),
+        ):
+            if size < 1:
+                raise ValueError(f"{name} must be at least 1, got {size}.")
+        if context_parallel_size > 1 and attention_data_parallel_size > 1:
+            raise ValueError(
+                "context_parallel_size and attention_data_parallel_size both use the mesh's cp axis: set one of them "
+                "(context parallelism splits one sequence's tokens; data-parallel attention gives each rank its own "
+                "sequences)."
+            )
+        self.tp_size = tensor_parallel_size
+        self.cp_size = max(context_parallel_size, attention_data_parallel_size)
+        #: How the ``cp`` axis is used: ``"context"`` or ``"data"`` (data-parallel attention).
+        self.attention_mode = "data" if attention_data_parallel_size > 1 else "context"
+        self.fused_allreduce_max_tokens = fused_allreduce_max_tokens
+        if balance == "time" and self.tp_size * self.cp_size > 1:
+            raise ValueError(
+                "balance='time' profiles layers on one rank, but tensor/context-parallel layers need their whole "
+                "group to run: pass balance as layer counts per stage instead."
+            )
         self._requested_microbatches = num_microbatches
         self.virtual_stages = virtual_stages
         if isinstance(balance, str) and balance != "time":
@@ -172,6 +218,12 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         self.dp_size = 1
         self.pp_rank = 0
         self.dp_rank = 0
+        #: Every process group of the mesh (set up with the process group, before ``configure_model``).
+        self.topology: Optional[RankTopology] = None
+        #: Whether each fused all-reduce of this stage uses FlashInfer's kernel (filled during setup).
+        self.allreduce_fusion: dict[str, bool] = {}
+        self._cp_partial_ids: frozenset[int] = frozenset()
+        self._replica_group: Optional[dist.ProcessGroup] = None
         self._pp_group: Optional[dist.ProcessGroup] = None
         self._pp_cpu_group: Optional[dist.ProcessGroup] = None
         self._dp_group: Optional[dist.ProcessGroup] = None
@@ -226,13 +278,24 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero_only.rank = self.global_rank
 
-    def _check_layout(self, world_size: int) -> None:
-        pp_size = self._requested_pp_size or world_size
-        if world_size and world_size % pp_size:
+    def _check_layout(self, world_size: int) -> MeshShape:
+        """The mesh shape for ``world_size`` ranks, or an error that says what to change."""
+        inner = self.cp_size * self.tp_size
+        if world_size and world_size % inner:
             raise ValueError(
-                f"pipeline_parallel_size={pp_size} does not divide the {world_size} processes (devices x nodes). "
-                f"Use a divisor of {world_size}, or change `devices`/`num_nodes`."
+                f"context/attention-data-parallel size {self.cp_size} x tensor_parallel_size {self.tp_size} = {inner} "
+                f"does not divide the {world_size} processes (devices x nodes). Change those sizes or `devices`."
             )
+        pp_size = self._requested_pp_size or max(world_size // inner, 1)
+        if world_size and world_size % (pp_size * inner):
+            what = f"pipeline_parallel_size={pp_size}" + (f" x {inner} (cp x tp)" if inner > 1 else "")
+            raise ValueError(
+                f"{what} does not divide the {world_size} processes (devices x nodes). "
+                f"Use a divisor of {world_size // inner if world_size % inner == 0 else world_size}, "
+                "or change `devices`/`num_nodes`."
+            )
+        dp_size = max(world_size // (pp_size * inner), 1)
+        return MeshShape(pp=pp_size, dp=dp_size, cp=self.cp_size, tp=self.tp_size)
 
     @override
     def _configure_launcher(self) -> None:
@@ -256,9 +319,8 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         reset_seed()
         self.set_world_ranks()
         world_size = self.num_nodes * self.num_processes
-        self._check_layout(world_size)
-        pp_size = self._requested_pp_size or world_size
-        self.pp_size, self.dp_size = pp_size, world_size // pp_size
+        shape = self._check_layout(world_size)
+        self.pp_size, self.dp_size = shape.pp, shape.dp
         platform = platform_for(self.root_device)
         backend = self._process_group_backend or platform.dist_backend
         assert self.cluster_environment is not None
@@ -267,13 +329,14 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             # NOTE: Lightning registers destroy_process_group at exit only for its GPU
             # backend; gloo ranks left to interpreter shutdown can abort.
             atexit.register(_destroy_process_group)
-        mesh = init_device_mesh(self.root_device.type, (self.dp_size, self.pp_size), mesh_dim_names=("dp", "pp"))
-        self._pp_group, self._dp_group = mesh.get_group("pp"), mesh.get_group("dp")
-        self.pp_rank, self.dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
-        if backend != distributed_backend_for("cpu"):
-            # Small control messages (metadata, logged values) go over a CPU twin.
-            pipelines = [list(range(d * pp_size, (d + 1) * pp_size)) for d in range(self.dp_size)]
-            self._pp_cpu_group, _ = dist.new_subgroups_by_enumeration(pipelines, backend=distributed_backend_for("cpu"))
+        self.topology = topology = build_topology(shape, device_type=self.root_device.type)
+        # The mesh's groups exist even for axes of size one (a ParallelGroup of one has none).
+        self._pp_group, self._dp_group = topology.mesh.get_group("pp"), topology.mesh.get_group("dp")
+        self.pp_rank, self.dp_rank = topology.coords.pp, topology.coords.dp
+        # Small control messages (metadata, logged values) go over the CPU twin.
+        self._pp_cpu_group = topology.pp.cpu_group if backend != distributed_backend_for("cpu") else None
+        # The norm of the whole model adds up every rank of a replica, not just its pipeline.
+        self._replica_group = topology.replica.device_group
         self._comm = PipeComm(
             self._pp_group,
             self.root_device,
@@ -300,10 +363,21 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         )
         # Parameters outside the Sequential are copies held by every stage.
         self._pipelined_param_ids = frozenset(id(p) for p in self._pipelined.parameters())
+        self._cp_partial_ids = cp_partial_parameter_ids(self._pipelined) if self.cp_size > 1 else frozenset()
+        if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
+            raise ValueError(
+                "attention_data_parallel_size is for inference (predict, generation): its ranks hold different "
+                "sequences, so their attention gradients are not one model's. Train with data parallelism "
+                "(more devices) or context_parallel_size instead."
+            )
         if self._trace_options is not None and self._tracer is None:
             self._tracer = StepTracer(self._trace_options, self.global_rank, self.pp_rank, self.pp_size)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        # Before any step, graph capture or compile: creating a workspace runs collectives.
+        self.allreduce_fusion = pre_initialize_stage_fusion(
+            self._pipelined, max_num_tokens=self.fused_allreduce_max_tokens, dtype=self._activation_dtype()
+        )
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             # Norm clipping must see the gradients of every stage, not just this rank's.
@@ -312,6 +386,16 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             sync_found_inf(scaler)
+
+    def _activation_dtype(self) -> torch.dtype:
+        """The dtype the stage's fused all-reduces will see: the autocast dtype, else the parameters'."""
+        autocast = getattr(self.precision_plugin, "_desired_input_dtype", None) or getattr(
+            self.precision_plugin, "_desired_dtype", None
+        )
+        if isinstance(autocast, torch.dtype):
+            return autocast
+        param = next(iter(self._pipelined.parameters()), None) if self._pipelined is not None else None
+        return param.dtype if param is not None else torch.get_default_dtype()
 
     def _balance_by_time(self, num_stages: int) -> list[int]:
         """Stage sizes from layer times measured on global rank 0, shared with every rank."""
@@ -322,6 +406,26 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             sample_input = capture_sequential_input(module, attr, self._balance_sample)
             counts = balance_by_time(profile_layer_times(sequential, sample_input, self.root_device), num_stages)
         return self.broadcast(counts, 0)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        self._refuse_sharded_checkpoint()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        self._refuse_sharded_checkpoint()
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def _refuse_sharded_checkpoint(self) -> None:
+        # Tensor-parallel shards share their full tensor's name: saved by name, one
+        # rank's shard would silently stand for all of them.
+        if self.tp_size * self.cp_size > 1:
+            raise NotImplementedError(
+                f"Checkpoints of tensor/context-parallel stages (tp={self.tp_size}, cp={self.cp_size}) are not "
+                "supported yet. Save the unsharded weights yourself (e.g. gather each block's shards), or train "
+                "with tensor_parallel_size=1 and context_parallel_size=1 to checkpoint."
+            )
 
     @override
     def model_to_device(self) -> None:
@@ -535,7 +639,15 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             )
 
     def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
-        """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline."""
+        """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline.
+
+        With context parallelism, attention parameters saw only this rank's tokens:
+        their gradients are first summed over the cp group.
+        """
+        if self._cp_partial_ids:
+            assert self.topology is not None
+            partial = [g for p, g in zip(params, grads) if id(p) in self._cp_partial_ids and g is not None]
+            sum_over_group(partial, self.topology.cp.device_group)
         return reduce_stage_gradients(
             params,
             grads,
@@ -572,13 +684,19 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the norm taken over every stage's gradients."""
+        assert self.topology is not None and self._pipelined is not None
+        # Parameters outside the Sequential are copies on every stage, and tensor-parallel
+        # stages hold copies and shards: each distinct tensor counts once.
+        counted = counts_once(
+            self._pipelined,
+            self.topology,
+            replicated_over_pipeline=lambda p: id(p) not in self._pipelined_param_ids,
+        )
         clip_grad_norm_across_stages(
             optimizer.param_groups,
             clip_val,
-            # Parameters outside the Sequential are copies on every stage: count them once.
-            counted=lambda p: id(p) in self._pipelined_param_ids or self.pp_rank == 0,
-            pp_group=self._pp_group,
-            pp_size=self.pp_size,
+            counted=counted,
+            group=self._replica_group,
             device=self.root_device,
         )
 

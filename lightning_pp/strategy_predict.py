@@ -15,6 +15,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from lightning_pp.platform import platform_for
+from lightning_pp.topology import RankCoords, rank_of
 
 __all__ = ["PredictMixin", "drives_own_pipeline"]
 
@@ -154,8 +155,10 @@ class PredictMixin:
         from lightning_pp.prediction import mute_prediction_writers
 
         self._predict_streams = {}
-        if self.pp_rank != 0:
-            # Only the first stage of a replica holds its predictions.
+        coords = self.topology.coords if self.topology is not None else None
+        if self.pp_rank != 0 or (coords is not None and (coords.cp, coords.tp) != (0, 0)):
+            # Only the first stage of a replica holds its predictions; its other cp/tp
+            # ranks hold copies (tensor parallelism) or a share (data-parallel attention).
             self._muted_writers = mute_prediction_writers(self.lightning_module.trainer.callbacks)
 
     @override
@@ -188,7 +191,9 @@ class PredictMixin:
         dist.gather_object(payload, gathered, dst=0)
         if gathered is None:
             return
-        replicas = [gathered[d * self.pp_size] for d in range(self.dp_size)]
+        # Each replica's answer is on its first stage's first cp/tp rank.
+        shape = self.topology.shape
+        replicas = [gathered[rank_of(RankCoords(pp=0, dp=d, cp=0, tp=0), shape)] for d in range(self.dp_size)]
         for i, predictions in enumerate(loop._predictions):
             merged = gather_replica_predictions(
                 [(replica[i][0], replica[i][1]) for replica in replicas], per_loader[i][2]

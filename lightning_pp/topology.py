@@ -58,6 +58,7 @@ __all__ = [
     "group_rank_of",
     "mlp_tp_groups",
     "rank_of",
+    "replica_groups",
 ]
 
 AXES = ("pp", "dp", "cp", "tp")
@@ -162,6 +163,11 @@ def mlp_tp_groups(shape: MeshShape) -> list[tuple[int, ...]]:
     return _groups_varying(shape, ["cp", "tp"])
 
 
+def replica_groups(shape: MeshShape) -> list[tuple[int, ...]]:
+    """The ranks of each data-parallel replica (every ``pp``, ``cp`` and ``tp`` position), by ``dp`` index."""
+    return _groups_varying(shape, ["pp", "cp", "tp"])
+
+
 def global_rank_of(ranks: Sequence[int], group_rank: int) -> int:
     """The global rank at position ``group_rank`` of a group listed as ``ranks``."""
     if not 0 <= group_rank < len(ranks):
@@ -238,6 +244,8 @@ class RankTopology:
         pp, dp, cp, tp: groups along one mesh axis.
         attn_tp: attention tensor-parallel group (same members as ``tp``).
         mlp_tp: MLP tensor-parallel group (``cp`` x ``tp``).
+        replica: every rank of this rank's data-parallel replica (``pp`` x ``cp`` x
+            ``tp``): where a norm of the whole model is summed.
     """
 
     shape: MeshShape
@@ -249,9 +257,10 @@ class RankTopology:
     tp: ParallelGroup
     attn_tp: ParallelGroup
     mlp_tp: ParallelGroup
+    replica: ParallelGroup
 
     def groups(self) -> dict[str, ParallelGroup]:
-        return {g.name: g for g in (self.pp, self.dp, self.cp, self.tp, self.attn_tp, self.mlp_tp)}
+        return {g.name: g for g in (self.pp, self.dp, self.cp, self.tp, self.attn_tp, self.mlp_tp, self.replica)}
 
 
 def _new_groups(all_ranks: Sequence[tuple[int, ...]], backend: Optional[str], me: int) -> Any:
@@ -274,8 +283,8 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
 
     Must be called by all ranks of an initialised default group whose size is
     ``shape.world_size``. The four axis groups come from a ``DeviceMesh``; the
-    MLP-TP group, which a ``DeviceMesh`` names only through a private flatten API,
-    comes from ``new_group``; then one CPU twin per group.
+    MLP-TP and replica groups, which a ``DeviceMesh`` names only through a private
+    flatten API, come from ``new_group``; then one CPU twin per group.
 
     Args:
         shape: the mesh shape.
@@ -313,7 +322,12 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
         mlp_tp = ParallelGroup("mlp_tp", groups["tp"].ranks, groups["tp"].device_group, groups["tp"].cpu_group)
     else:
         mlp_tp = make("mlp_tp", mlp_ranks, _new_groups(mlp_ranks, None, me))
-    tp = groups["tp"]
+    tp, pp = groups["tp"], groups["pp"]
+    if shape.cp * shape.tp == 1:
+        replica = ParallelGroup("replica", pp.ranks, pp.device_group, pp.cpu_group)
+    else:
+        replica_ranks = replica_groups(shape)
+        replica = make("replica", replica_ranks, _new_groups(replica_ranks, None, me))
     return RankTopology(
         shape=shape,
         coords=coords_of(me, shape),
@@ -324,4 +338,5 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
         tp=tp,
         attn_tp=ParallelGroup("attn_tp", tp.ranks, tp.device_group, tp.cpu_group),
         mlp_tp=mlp_tp,
+        replica=replica,
     )

@@ -299,7 +299,8 @@ def test_two_replicas_of_two_stages_return_one_device_predictions():
     for key in runs:
         ref = _reference(key[0])
         _assert_same(results[0][key]["predictions"], ref["predictions"])
-        # Each replica's first stage wrote its own shard, each dataset row once over both.
-        written = [i for rank in (0, 2) for _, indices, _ in results[rank][key]["writes"] for i in indices]
+        # Each replica's first stage (ranks 0 and 1: the pipeline axis is outermost) wrote
+        # its own shard, each dataset row once over both.
+        written = [i for rank in (0, 1) for _, indices, _ in results[rank][key]["writes"] for i in indices]
         assert sorted(written) == list(range(CASES[key[0]]["items"]))
-        assert results[1][key]["writes"] == results[3][key]["writes"] == []
+        assert results[2][key]["writes"] == results[3][key]["writes"] == []

@@ -18,6 +18,8 @@ from blocking import RendezvousTransport
 from models import LitLM, make_loader, trainer_kwargs
 from multirank import run_on_ranks
 
+from lightning_pp.topology import MeshShape, RankCoords, rank_of
+
 pytestmark = pytest.mark.slow
 
 
@@ -151,7 +153,8 @@ def test_two_replicas_of_two_stages_match_ddp():
     pp = run_on_ranks(_pp_rank, 4, cfg, init_process_group=False, timeout=180)
     for replica in (0, 1):
         ref = ddp[replica]
-        stages = pp[2 * replica : 2 * replica + 2]
+        # The pipeline axis is outermost: replica d's stages are ranks d and d + 2.
+        stages = [pp[rank_of(RankCoords(pp=stage, dp=replica, cp=0, tp=0), MeshShape(pp=2, dp=2))] for stage in (0, 1)]
         for stage in stages:
             torch.testing.assert_close(stage["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
         merged = {**stages[0]["state"], **stages[1]["state"]}

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pp.topology import (
+    replica_groups,
     AXES,
     MeshShape,
     ParallelGroup,
@@ -48,6 +49,8 @@ def _groups(shape: MeshShape, name: str) -> list[tuple[int, ...]]:
         return attn_tp_groups(shape)
     if name == "mlp_tp":
         return mlp_tp_groups(shape)
+    if name == "replica":
+        return replica_groups(shape)
     return axis_groups(shape, name)
 
 
@@ -71,7 +74,7 @@ def test_coords_table(rank, coords):
 @pytest.mark.parametrize("shape", [MeshShape(), MeshShape(pp=3, dp=2), MeshShape(pp=2, dp=1, cp=3, tp=2)])
 def test_every_axis_partitions_the_world(shape):
     world = list(range(shape.world_size))
-    for name in (*AXES, "attn_tp", "mlp_tp"):
+    for name in (*AXES, "attn_tp", "mlp_tp", "replica"):
         groups = _groups(shape, name)
         assert sorted(r for g in groups for r in g) == world, name
     assert all(len(g) == shape.mlp_tp_size for g in mlp_tp_groups(shape))

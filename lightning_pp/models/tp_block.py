@@ -222,6 +222,21 @@ class TPTransformerBlock(nn.Module):
         self.mlp = SwiGLUMLP(config, groups)
         self.output_norm = RMSNorm(config.hidden_size, eps=config.eps)
 
+    def allreduce_fusion_groups(self) -> list[tuple[ParallelGroup, int]]:
+        """``(group, hidden_size)`` of each fused all-reduce in :meth:`forward`, for setup-time workspaces."""
+        hidden = self.config.hidden_size
+        return [(self.groups.attn_tp, hidden), (self.groups.mlp_tp, hidden)]
+
+    @torch.no_grad()
+    def load_unsharded_(self, full: "TPTransformerBlock") -> None:
+        """Copies this rank's shards of an unsharded block's weights (same config, groups of one)."""
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(self.attn, name).load_full_weight_(getattr(full.attn, name).weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self.mlp, name).load_full_weight_(getattr(full.mlp, name).weight)
+        self.post_attention_norm.weight.copy_(full.post_attention_norm.weight)
+        self.output_norm.weight.copy_(full.output_norm.weight)
+
     def cp_partial_parameters(self) -> list[str]:
         """Parameters whose gradients must still be summed over the cp group."""
         if self.groups.cp.size == 1:
