@@ -49,6 +49,7 @@ __all__ = [
     "build_schedule",
     "ideal_bubble_fraction",
     "lower",
+    "normalise_schedule_name",
     "peak_live_activations",
     "simulate",
     "validate_schedule",
@@ -182,10 +183,13 @@ def _check_sizes(pp_size: int, num_microbatches: int, virtual_stages: int) -> No
             raise ValueError(f"{name} must be a positive int ({hint}), got {value!r}")
 
 
-def _normalise_name(name: str) -> str:
+def normalise_schedule_name(name: str) -> str:
+    """The canonical name of a schedule (``"1F1B"``, ``"interleaved_1f1b"`` -> ``"1f1b"``, ``"interleaved1f1b"``)."""
     key = str(name).lower().replace("_", "").replace("-", "").replace(" ", "")
     if key not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)} (any case)")
+        raise ValueError(
+            f"Unknown pipeline schedule {name!r}. Choose one of: {', '.join(SCHEDULES)} (any case; '_' and '-' ignored)."
+        )
     return key
 
 
@@ -215,7 +219,7 @@ def build_schedule(
         ScheduleError: Not expected for valid input; it would mean the builder
             made a schedule that fails :func:`validate_schedule`.
     """
-    key = _normalise_name(name)
+    key = normalise_schedule_name(name)
     _check_sizes(pp_size, num_microbatches, virtual_stages)
     if key == "interleaved1f1b" and virtual_stages < 2:
         raise ValueError(

@@ -61,7 +61,7 @@ from lightning_pp.pipeline_module import (
     partition_module,
 )
 from lightning_pp.platform import distributed_backend_for, platform_for
-from lightning_pp.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_pp.schedules import Schedule, build_schedule, normalise_schedule_name
 from lightning_pp.topology import MeshShape, RankTopology, build_topology
 from lightning_pp.trace import StepTracer, TraceOptions, TraceRecorder
 from lightning_pp.strategy_checkpoint import CheckpointMixin
@@ -69,13 +69,6 @@ from lightning_pp.strategy_predict import PredictMixin
 from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
 
 __all__ = ["PPStrategy"]
-
-
-def _normalise_schedule_name(name: str) -> str:
-    key = name.lower().replace("_", "").replace("-", "")
-    if key not in SCHEDULES:
-        raise ValueError(f"Unknown pipeline schedule {name!r}. Choose one of: {', '.join(SCHEDULES)}.")
-    return key
 
 
 class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
@@ -155,7 +148,7 @@ class PPStrategy(PredictMixin, CheckpointMixin, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self.schedule_name = _normalise_schedule_name(schedule)
+        self.schedule_name = normalise_schedule_name(schedule)
         if pipeline_parallel_size is not None and pipeline_parallel_size < 1:
             raise ValueError(
                 f"pipeline_parallel_size must be a positive number of stages, got {pipeline_parallel_size}."

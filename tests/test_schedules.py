@@ -355,7 +355,7 @@ def test_schedule_placement():
 @pytest.mark.parametrize(
     "args,kwargs,message",
     [
-        (("zero-bubble", 2, 2), {}, "unknown schedule 'zero-bubble': choose one of gpipe, 1f1b, interleaved1f1b"),
+        (("zero-bubble", 2, 2), {}, "Unknown pipeline schedule 'zero-bubble'. Choose one of: gpipe, 1f1b, interleaved1f1b"),
         (("1f1b", 0, 2), {}, r"pp_size must be a positive int \(the number of pipeline ranks\), got 0"),
         (("1f1b", 2, 0), {}, "num_microbatches must be a positive int"),
         (("1f1b", 2, 2.0), {}, "num_microbatches must be a positive int"),
