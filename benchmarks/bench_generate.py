@@ -8,8 +8,10 @@
 8-layer decoder (width 256), one intra-op thread per process; generated tokens
 per second of ``trainer.predict`` wall time on rank 0.
 ``chunks``: one 1536-token prompt prefilled in chunks on one process; each
-chunk's measured latency, fixed 256-token chunks vs predictor-sized chunks
-(first chunk 256), reported as max/min and coefficient of variation.
+chunk's measured latency (median of ``--repeats`` prefills), fixed 256-token
+chunks vs predictor-sized chunks (first chunk 256), reported as max/min and
+coefficient of variation. The predictor profiles chunks of 64-512 tokens after
+cached prefixes of 0, 512 and 1024 tokens and fits ``a·n·(p + n) + b·n + c``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lightning_pp import PPStrategy
 from lightning_pp.chunking import ChunkPlanner
 from lightning_pp.generation import StageContext, init_chunk_planner
 from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
-from lightning_pp.models.llama import DecoderConfig, DecoderLM, KVCache, StepRows
+from lightning_pp.kv_cache import KVCache, StepRows
+from lightning_pp.models.llama import DecoderConfig, DecoderLM
 
 
 def _model(layers: int = 8, width: int = 256) -> DecoderLM:
@@ -68,24 +71,31 @@ def _chunk_latencies(lm: DecoderLM, prompt: torch.Tensor, planner: ChunkPlanner)
     return out
 
 
-def chunks() -> None:
+def chunks(repeats: int) -> None:
     torch.set_num_threads(1)
     lm = _model(layers=4, width=256)
     prompt = torch.randint(0, 512, (1536,), generator=torch.Generator().manual_seed(1))
     parts_module = GenerationModule(lm, max_new_tokens=1)
     parts = parts_module._parts(StageContext())
-    planner, why = init_chunk_planner(parts, StageContext(), first_chunk=256, profile_sizes=list(range(64, 1537, 128)))
+    planner, why = init_chunk_planner(
+        parts, StageContext(), first_chunk=256, profile_sizes=list(range(64, 513, 64)), profile_prefixes=[0, 512, 1024]
+    )
     print("predictor:", planner.model if why is None else f"fell back ({why})")
     for name, p in (("fixed 256", ChunkPlanner(256)), ("predictor", planner)):
-        lat = _chunk_latencies(lm, prompt, p)[:-1]  # the last chunk is the remainder
+        runs = [_chunk_latencies(lm, prompt, p) for _ in range(repeats)]
+        lat = [(n, statistics.median(run[i][1] for run in runs)) for i, (n, _) in enumerate(runs[0])]
+        total = sum(t for _, t in lat)
+        lat = lat[:-1]  # the spread leaves out the last chunk: it is whatever remains
         times = [t for _, t in lat]
         print(f"{name}: chunks {[n for n, _ in lat]} latency ms {[round(t * 1e3, 1) for t in times]} "
-              f"max/min {max(times) / min(times):.2f} cv {statistics.pstdev(times) / statistics.mean(times):.2f}")
+              f"max/min {max(times) / min(times):.2f} cv {statistics.pstdev(times) / statistics.mean(times):.2f} "
+              f"whole prefill {total * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["throughput", "chunks"])
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="prefills per chunk plan (chunks)")
     args = parser.parse_args()
-    throughput(args.devices) if args.what == "throughput" else chunks()
+    throughput(args.devices) if args.what == "throughput" else chunks(args.repeats)

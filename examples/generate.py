@@ -6,11 +6,15 @@ a KV cache through ``PPStrategy`` and writes one JSON object per prompt.
 
     python examples/generate.py                              # 2 stages, tiny random model
     python examples/generate.py --devices 1                  # one process, same output
+    python examples/generate.py --devices 4 --attention-dp 2 # 2 stages x 2 attention-DP ranks, same output
     python examples/generate.py --model path/to/hf_dir       # a local Llama checkpoint (its vocabulary
                                                              # must cover 257 byte ids)
 
 No download happens: without ``--model`` the model is a seeded random
 Llama-shaped decoder, so the text is gibberish but identical for any ``--devices``.
+With ``--attention-dp C`` each stage's ``C`` ranks run their own share of each
+batch's prompts through attention and split the MLP between them (data-parallel
+attention); the pipeline then has ``devices / C`` stages.
 Lightning's launcher starts the other processes (it re-runs this script).
 """
 
@@ -58,16 +62,24 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--prefill-chunk", type=int, default=None)
+    parser.add_argument("--attention-dp", type=int, default=1, help="attention-DP ranks per stage (divides --devices)")
     args = parser.parse_args()
+    if args.devices % args.attention_dp:
+        parser.error(f"--attention-dp {args.attention_dp} does not divide --devices {args.devices}.")
+    num_stages = args.devices // args.attention_dp
 
     prompts = [line.rstrip("\n") for line in open(args.prompts, encoding="utf-8") if line.strip()]
     lm = DecoderLM.from_pretrained(args.model) if args.model else tiny_model()
     model = GenerationModule(
-        lm, max_new_tokens=args.max_new_tokens, eos_token_ids=(EOS,), num_microbatches=max(args.devices, 2),
+        lm, max_new_tokens=args.max_new_tokens, eos_token_ids=(EOS,), num_microbatches=max(num_stages, 2),
         prefill_chunk=args.prefill_chunk,
     )
     loader = DataLoader(PromptDataset([encode(p) for p in prompts]), batch_size=args.batch_size, collate_fn=collate_prompts)
-    strategy = PPStrategy() if args.devices > 1 else "auto"
+    strategy = (
+        PPStrategy(pipeline_parallel_size=num_stages, attention_data_parallel_size=args.attention_dp)
+        if args.devices > 1
+        else "auto"
+    )
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False,

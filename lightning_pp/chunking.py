@@ -5,17 +5,21 @@ not stalled behind it. Equal-*token* chunks get slower as the prefix grows (each
 chunk's queries attend over everything before it), so chunks are sized for equal
 *time* instead, as SGLang's dynamic chunking does:
 
-1. the first stage times its forward for fresh sequences of ``n`` tokens over a
-   range of ``n`` (the first, warm-up, sample dropped) and fits
-   ``latency(n) ≈ a·n² + b·n + c``; ``a > 0`` is required (a line or a concave fit
-   cannot size chunks, and usually means the timings were noise);
+1. the first stage times its forward on chunks of ``n`` tokens after cached
+   prefixes of ``p`` tokens, over a grid of ``(p, n)`` (the first, warm-up, sample
+   dropped), and fits the chunk cost model
+   ``latency(p, n) ≈ a·n·(p + n) + b·n + c`` (the ``n`` queries attend over
+   ``p + n`` keys) by least squares on the features ``[n (p + n), n, 1]``.
+   Profiling fresh chunks only (``p = 0``) would leave ``a`` to the curvature of
+   ``a n² + b n``, which on a CPU drowns in the linear term and the noise; the
+   prefixes make the attention term ``a n p`` large enough to measure. ``a > 0``
+   is required (a cost that does not grow with the prefix cannot size chunks, and
+   usually means the timings were noise);
 2. the fit is shared with every stage: a success flag is broadcast *first*, then
    the coefficients only on success, so a failed profile makes every stage fall
    back to fixed chunks instead of some waiting for coefficients never sent;
-3. a chunk of ``n`` tokens after a prefix of ``p`` costs about
-   ``a·n·(p + n) + b·n + c`` (its ``n`` queries attend over ``p + n`` keys; the
-   fresh-prompt fit is the case ``p = 0``); the planner picks the ``n`` whose cost
-   equals the first chunk's, ``a n² + (a p + b) n = a n0² + b n0``, aligned down.
+3. the planner picks, after a prefix ``p``, the ``n`` whose cost equals the first
+   chunk's, ``a n² + (a p + b) n = a n0² + b n0``, aligned down.
 
 Device synchronisation uses the module-level platform (:func:`current_platform`),
 never state set on an object later in start-up (the seed's init-order bug: the
@@ -34,7 +38,16 @@ import torch.distributed as dist
 
 from lightning_pp.platform import current_platform
 
-__all__ = ["ChunkPlanner", "LatencyModel", "fit_latency", "plan_chunks", "profile_latency", "share_latency_model"]
+__all__ = [
+    "ChunkPlanner",
+    "FitError",
+    "LatencyModel",
+    "fit_latency",
+    "plan_chunks",
+    "profile_grid",
+    "profile_latency",
+    "share_latency_model",
+]
 
 
 class FitError(ValueError):
@@ -43,7 +56,10 @@ class FitError(ValueError):
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """``latency(n) = a·n² + b·n + c`` seconds for a chunk of ``n`` fresh tokens."""
+    """``a·n·(p + n) + b·n + c`` seconds for a chunk of ``n`` tokens after ``p`` cached ones.
+
+    Called with ``n`` alone it is the fresh-chunk latency ``a·n² + b·n + c``.
+    """
 
     a: float
     b: float
@@ -57,30 +73,50 @@ class LatencyModel:
         return self.a * n * (prefix + n) + self.b * n + self.c
 
 
-def fit_latency(sizes: Sequence[int], latencies: Sequence[float]) -> LatencyModel:
-    """Least-squares quadratic through ``(size, latency)`` samples.
+def fit_latency(
+    sizes: Sequence[int], latencies: Sequence[float], *, prefixes: Optional[Sequence[int]] = None
+) -> LatencyModel:
+    """Least-squares fit of the chunk cost model to ``(prefix, size, latency)`` samples.
+
+    Args:
+        sizes: each sample's chunk length ``n``.
+        latencies: each sample's seconds.
+        prefixes: each sample's cached prefix ``p``; all ``0`` (fresh chunks) by default.
 
     Raises:
-        FitError: fewer than three distinct sizes, non-finite values, or ``a <= 0``.
+        FitError: fewer than three distinct ``(p, n)`` points (or points that cannot
+            separate the three coefficients), non-finite values, ``a <= 0``, or a
+            cost that falls as the chunk grows somewhere in the profiled range.
     """
-    if len(set(sizes)) < 3 or len(sizes) != len(latencies):
-        raise FitError(f"need latencies at three or more distinct chunk sizes, got sizes {list(sizes)}.")
-    x = torch.tensor(sizes, dtype=torch.float64)
+    prefixes = [0] * len(sizes) if prefixes is None else list(prefixes)
+    points = set(zip(prefixes, sizes))
+    if len(points) < 3 or not len(sizes) == len(latencies) == len(prefixes):
+        raise FitError(
+            f"need latencies at three or more distinct (prefix, chunk size) points, got {sorted(points)} "
+            f"for {len(latencies)} latencies."
+        )
+    n = torch.tensor(sizes, dtype=torch.float64)
+    p = torch.tensor(prefixes, dtype=torch.float64)
     y = torch.tensor(latencies, dtype=torch.float64)
     if not torch.isfinite(y).all():
         raise FitError("latency samples contain NaN or infinity.")
-    design = torch.stack([x * x, x, torch.ones_like(x)], dim=1)
+    design = torch.stack([n * (p + n), n, torch.ones_like(n)], dim=1)
+    if int(torch.linalg.matrix_rank(design)) < 3:
+        raise FitError(f"the points {sorted(points)} cannot separate the three coefficients: vary the chunk sizes.")
     a, b, c = torch.linalg.lstsq(design, y[:, None]).solution.flatten().tolist()
     if not a > 0:
-        raise FitError(f"fitted a={a:.3g} is not positive: latency does not grow quadratically with chunk size.")
-    smallest = float(x.min())
-    if not 2 * a * smallest + b > 0:
+        raise FitError(
+            f"fitted a={a:.3g} is not positive: latency does not grow with the chunk's attention span n·(p + n)."
+        )
+    smallest, p0 = float(n.min()), float(p.min())
+    # d cost / dn = a (p + 2n) + b is smallest at the smallest profiled n and p.
+    if not a * (p0 + 2 * smallest) + b > 0:
         # A fit that falls over part of the profiled range (b far below zero) says the
         # timings are dominated by noise or fixed overhead; sizing chunks from it gave
         # chunks of a few tokens on CPU. Fixed chunks are the honest answer then.
         raise FitError(
-            f"fitted latency {a:.3g}·n² + {b:.3g}·n + {c:.3g} decreases between n={smallest:g} and "
-            f"n={-b / (2 * a):.0f}: the timings do not support equal-time chunks."
+            f"fitted latency {a:.3g}·n·(p + n) + {b:.3g}·n + {c:.3g} decreases between n={smallest:g} and "
+            f"n={-(b + a * p0) / (2 * a):.0f} (p={p0:g}): the timings do not support equal-time chunks."
         )
     return LatencyModel(a, b, c)
 
@@ -126,27 +162,55 @@ class ChunkPlanner:
         return min(_equal_time_chunk(self.model, prefix, self.first_chunk, self.align, self.align), remaining)
 
 
-def profile_latency(
-    run: Callable[[int], None], sizes: Sequence[int], *, repeats: int = 1, device: Optional[torch.device] = None
-) -> tuple[list[int], list[float]]:
-    """Times ``run(n)`` for each size; the very first call is a warm-up and is not recorded.
+def profile_grid(sizes: Sequence[int], prefixes: Sequence[int]) -> list[tuple[int, int]]:
+    """``(prefix, size)`` points to profile: every size after every prefix, prefixes ascending.
 
-    ``run`` must resolve its inputs the same way a real launch does (the seed's
-    profiler ran with input ids that a deferred copy had not filled in yet).
+    Ascending prefixes let a profiler build each cached prefix once.
+    """
+    if not sizes or not prefixes or min(sizes) < 1 or min(prefixes) < 0:
+        raise ValueError(
+            f"profile sizes must be positive and prefixes non-negative, got {list(sizes)} and {list(prefixes)}."
+        )
+    return [(p, n) for p in sorted(set(prefixes)) for n in sizes]
+
+
+def profile_latency(
+    run: Callable[[int, int], None],
+    points: Sequence[tuple[int, int]],
+    *,
+    setup: Optional[Callable[[int, int], None]] = None,
+    repeats: int = 1,
+    device: Optional[torch.device] = None,
+) -> tuple[list[int], list[int], list[float]]:
+    """Times ``run(prefix, n)`` at each point; the very first call is a warm-up and is not recorded.
+
+    ``setup(prefix, n)``, when given, runs untimed before each call (a profiler
+    puts the cached prefix in place there). ``run`` must resolve its inputs the
+    same way a real launch does (the seed's profiler ran with input ids that a
+    deferred copy had not filled in yet).
+
+    Returns:
+        ``(prefixes, sizes, seconds)``, one entry per timed call.
     """
     platform = current_platform()  # module level: valid whenever this is called
-    run(sizes[0])  # warm-up: allocator, kernels, caches
-    platform.synchronize(device)
-    xs, ys = [], []
-    for n in sizes:
+
+    def call(prefix: int, n: int) -> float:
+        if setup is not None:
+            setup(prefix, n)
+        platform.synchronize(device)
+        start = time.perf_counter()
+        run(prefix, n)
+        platform.synchronize(device)
+        return time.perf_counter() - start
+
+    call(*points[0])  # warm-up: allocator, kernels, caches
+    ps, ns, ys = [], [], []
+    for prefix, n in points:
         for _ in range(repeats):
-            platform.synchronize(device)
-            start = time.perf_counter()
-            run(n)
-            platform.synchronize(device)
-            xs.append(n)
-            ys.append(time.perf_counter() - start)
-    return xs, ys
+            ys.append(call(prefix, n))
+            ps.append(prefix)
+            ns.append(n)
+    return ps, ns, ys
 
 
 def share_latency_model(

@@ -20,6 +20,10 @@ In a :class:`~lightning_pp.topology.RankTopology`, the attention-DP group is the
 all-gather, skipped entirely when the group has a single rank. The padding still
 happens then: SGLang once skipped it together with the gather (fixed in its
 dp=1 idle-batch PR), leaving token counts unaligned to attention-TP.
+
+Requests reach the ranks by :func:`share_prompts` (each attention-DP rank takes
+every ``C``-th prompt of a batch) and come back in batch order by
+:func:`gather_shared_outputs`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,16 @@ from lightning_pp.comm.collectives import GroupLike, device_group_of, group_size
 from lightning_pp.platform import current_platform, distributed_backend_for
 from lightning_pp.topology import ParallelGroup
 
-__all__ = ["PAD_MODES", "BatchInfo", "IdleBatch", "gather_batch_info", "make_idle_batch", "plan_padding"]
+__all__ = [
+    "PAD_MODES",
+    "BatchInfo",
+    "IdleBatch",
+    "gather_batch_info",
+    "gather_shared_outputs",
+    "make_idle_batch",
+    "plan_padding",
+    "share_prompts",
+]
 
 PAD_MODES = ("ceil", "max_len")
 
@@ -176,3 +189,34 @@ def make_idle_batch(
         residual=torch.zeros(0, hidden_size, dtype=dtype, device=device),
         positions=torch.zeros(0, dtype=torch.long, device=device),
     )
+
+
+# -- dealing requests: each attention-DP rank runs its share ---------------------------------------
+def share_prompts(prompts: Sequence[Any], dp_rank: int, dp_size: int) -> list[Any]:
+    """This attention-DP rank's share of a batch's prompts: every ``dp_size``-th, from ``dp_rank``.
+
+    Dealt round-robin so long and short prompts spread over the ranks; a rank may
+    get none (fewer prompts than ranks) and then runs idle forwards only.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside {dp_size} attention-DP ranks.")
+    return list(prompts[dp_rank::dp_size])
+
+
+def gather_shared_outputs(outputs: list[Any], group: ParallelGroup) -> Optional[list[Any]]:
+    """Puts the outputs of every rank's :func:`share_prompts` share back in prompt order.
+
+    Collective over ``group`` (its CPU twin: the outputs are small host lists).
+    Returns the whole batch's outputs on group rank 0, ``None`` elsewhere.
+    """
+    if group.size == 1:
+        return list(outputs)
+    control, _ = _control_group(group)
+    gathered: Optional[list[Any]] = [None] * group.size if group.rank == 0 else None
+    dist.gather_object(list(outputs), gathered, dst=group.global_rank_of(0), group=control)
+    if gathered is None:
+        return None
+    merged: list[Any] = [None] * sum(len(share) for share in gathered)
+    for dp_rank, share in enumerate(gathered):
+        merged[dp_rank::group.size] = share
+    return merged

@@ -16,10 +16,20 @@ device (any other strategy) the same generator runs with a single stage.
 
 Each batch is a list of 1-D token-id tensors of any lengths; the prediction of a
 batch, on the first stage, is a list of generated id lists (EOS included).
+
+Tensor parallelism and data-parallel attention (``PPStrategy(tensor_parallel_size=...,
+attention_data_parallel_size=...)``): pass the full model as usual;
+:meth:`GenerationModule.configure_model` replaces the layers by this rank's shards
+for the strategy's topology. Every attention-DP rank reads the same batches and
+runs its share of each batch's prompts; the first stage of attention-DP rank 0
+(tensor-parallel rank 0) returns the whole batch's outputs in prompt order, and
+every other rank ``None``, so ``trainer.predict`` on global rank 0 returns what
+one device returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -29,8 +39,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_pp.chunking import ChunkPlanner
+from lightning_pp.dp_attention import gather_shared_outputs, share_prompts
 from lightning_pp.generation import PipelineGenerator, StageContext, StageParts, init_chunk_planner
-from lightning_pp.models.llama import DecoderLM
+from lightning_pp.models.llama import DecoderLM, shard_layers
+from lightning_pp.models.tp_block import BlockGroups
+from lightning_pp.topology import RankTopology
 
 __all__ = ["GenerationModule", "PromptDataset", "collate_prompts"]
 
@@ -68,6 +81,9 @@ class GenerationModule(L.LightningModule):
         chunk_predictor: size chunks after the first for equal predicted latency
             (profiled once, at the first batch, on the first stage).
         profile_sizes: chunk sizes to profile (default around ``prefill_chunk``).
+        profile_prefixes: cached prefix lengths to profile each size after (default
+            ``0``, ``2`` and ``4`` times ``prefill_chunk``); cover the prompt lengths
+            you expect, since the fit is extrapolated beyond them.
     """
 
     #: Tells PPStrategy to hand ``predict_step`` the stage context instead of streaming.
@@ -83,6 +99,7 @@ class GenerationModule(L.LightningModule):
         prefill_chunk: Optional[int] = None,
         chunk_predictor: bool = False,
         profile_sizes: Optional[Sequence[int]] = None,
+        profile_prefixes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if chunk_predictor and prefill_chunk is None:
@@ -94,10 +111,48 @@ class GenerationModule(L.LightningModule):
         self.eos_token_ids = tuple(lm.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.num_microbatches = num_microbatches
         self.prefill_chunk, self.chunk_predictor = prefill_chunk, chunk_predictor
-        self.profile_sizes = profile_sizes
+        self.profile_sizes, self.profile_prefixes = profile_sizes, profile_prefixes
         self.planner: Optional[ChunkPlanner] = None
         #: Why the predictor is off (``None`` when on, or not requested).
         self.predictor_fallback: Optional[str] = None
+        #: Forwards this rank ran with no rows of its own (data-parallel attention), all batches so far.
+        self.num_idle_forwards = 0
+        self._sharded_for: Optional[tuple] = None
+
+    # -- model parallelism ------------------------------------------------------------------------
+    def _topology(self) -> tuple[Optional[RankTopology], str]:
+        """The strategy's mesh and attention mode, when it has tensor- or attention-DP groups."""
+        trainer = getattr(self, "_trainer", None)
+        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+        topology = getattr(strategy, "topology", None)
+        if not isinstance(topology, RankTopology) or topology.cp.size * topology.tp.size == 1:
+            return None, "context"
+        return topology, str(getattr(strategy, "attention_mode", "context"))
+
+    def configure_model(self) -> None:
+        """Replaces the full decoder layers by this rank's shards (tensor parallel, attention-DP).
+
+        Lightning calls this after the strategy built its process groups and before
+        it splits the layers over the pipeline; without such groups it does nothing.
+
+        Raises:
+            ValueError: the strategy uses context parallelism (a KV cache keeps whole
+                sequences), or the layers were sharded before for another layout.
+        """
+        topology, mode = self._topology()
+        if topology is None:
+            return
+        groups = BlockGroups.from_topology(topology)
+        layout = (groups.attn_tp.ranks, groups.cp.ranks, groups.mlp_tp.ranks, mode)
+        if self._sharded_for is not None:
+            if self._sharded_for != layout:
+                raise ValueError(
+                    f"the layers were sharded for {self._sharded_for} and cannot be re-sharded for {layout}: "
+                    "build a new GenerationModule from the full model for another parallel layout."
+                )
+            return  # a later trainer.predict with the same layout: already this rank's shards
+        self.layers = shard_layers(list(self.layers), self.config, groups, attention_mode=mode)
+        self._sharded_for = layout
 
     def _parts(self, stage: StageContext) -> StageParts:
         stages = getattr(self.layers, "stages", None)  # a PipelinedSequential under PPStrategy
@@ -115,7 +170,11 @@ class GenerationModule(L.LightningModule):
         if self.planner is None:
             if self.chunk_predictor:
                 self.planner, self.predictor_fallback = init_chunk_planner(
-                    parts, stage, first_chunk=self.prefill_chunk, profile_sizes=self.profile_sizes
+                    parts,
+                    stage,
+                    first_chunk=self.prefill_chunk,
+                    profile_sizes=self.profile_sizes,
+                    profile_prefixes=self.profile_prefixes,
                 )
                 if self.predictor_fallback is not None and stage.pp_rank == 0:
                     warnings.warn(f"chunk predictor off, using fixed chunks: {self.predictor_fallback}")
@@ -127,8 +186,16 @@ class GenerationModule(L.LightningModule):
     def predict_step(
         self, batch: Sequence[torch.Tensor], batch_idx: int = 0, dataloader_idx: int = 0, *, stage: Optional[StageContext] = None
     ) -> Optional[list[list[int]]]:
-        """Generated ids for each prompt of ``batch`` (``None`` on pipeline ranks other than the first)."""
+        """Generated ids for each prompt of ``batch``.
+
+        ``None`` on pipeline ranks other than the first, and with data-parallel
+        attention or tensor parallelism on every rank but the first stage's first
+        attention-DP and tensor-parallel rank.
+        """
         stage = stage or StageContext(device=self.device)
+        topology, mode = self._topology()
+        if topology is not None and mode == "data" and stage.attn_dp_group is None:
+            stage = dataclasses.replace(stage, attn_dp_group=topology.cp, attn_tp_size=topology.tp.size)
         parts = self._parts(stage)
         generator = PipelineGenerator(
             parts,
@@ -138,4 +205,15 @@ class GenerationModule(L.LightningModule):
             planner=self._planner(parts, stage),
             num_microbatches=self.num_microbatches,
         )
-        return generator.generate(list(batch))
+        prompts = list(batch)
+        dp = stage.attn_dp_group
+        if dp is None or dp.size == 1:
+            outputs = generator.generate(prompts)
+        else:
+            outputs = generator.generate(share_prompts(prompts, dp.rank, dp.size))
+            if outputs is not None:  # first stage: attention-DP rank 0 gets the whole batch
+                outputs = gather_shared_outputs(outputs, dp)
+        self.num_idle_forwards += generator.num_idle_forwards
+        if topology is not None and topology.coords.tp != 0:
+            return None  # tensor-parallel peers hold copies of rank 0's outputs
+        return outputs

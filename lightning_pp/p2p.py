@@ -2,10 +2,24 @@
 
 A stage's output may be a tensor, or a tuple/list/dict of tensors (nested). The
 receiver cannot know the structure, shapes or dtypes in advance (sequence length
-may change every batch), so every transfer is a metadata message followed by the
-tensors themselves, and every receive allocates fresh buffers: no stale buffer is
-ever reused. Metadata travels over the CPU twin group when there is one, so device
-backends never pay a device round trip for a few integers.
+may change every batch), so every transfer starts with its layout (a pickled
+structure with each tensor's shape and dtype), followed by the tensors, and
+every receive allocates fresh buffers: no stale buffer is ever reused. Metadata
+travels over the CPU twin group when there is one, so device backends never pay
+a device round trip for a few integers.
+
+Each message costs a round of latency, which dominates small stages (a decode
+step moves a few kilobytes). So a transfer is as few messages as its content
+allows::
+
+    header   one int64: the layout's byte length, or -1 = "same layout as your last
+             one from me" (each side keeps the last layout per peer)
+    layout   only when it changed
+    tensors  one message per dtype: the tensors of that dtype packed into one flat
+             buffer (a lone tensor goes as it is); empty ones send nothing
+
+The receiver unpacks a flat buffer into disjoint views, each a leaf of its own
+(gradients stay per tensor).
 
 Every operation here is *blocking*. That is deliberate: the schedule that drives
 this module is proven deadlock-free under the strictest model, in which a send
@@ -20,6 +34,7 @@ rank waiting forever in a receive.
 
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass
 from datetime import timedelta
@@ -170,6 +185,10 @@ class PipeComm:
         self.transport: Transport = transport or TorchTransport(timeout)
         self.platform = platform or current_platform()
         self._meta_device = torch.device("cpu") if meta_group is not None else device
+        # The last layout sent to / received from each peer (global rank): a repeat
+        # costs one small header instead of two messages.
+        self._sent_layout: dict[int, bytes] = {}
+        self._received_layout: dict[int, tuple[Any, list[Optional[_Leaf]]]] = {}
 
     def global_rank(self, pp_rank: int) -> int:
         """The global rank of pipeline rank ``pp_rank`` (``dist`` APIs take global ranks)."""
@@ -179,15 +198,22 @@ class PipeComm:
         """Sends ``payload`` to pipeline rank ``dst_pp_rank``; returns when the transfer completed."""
         structure, tensors = flatten_payload(payload, where=where)
         leaves = [None if t is None else _Leaf(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
-        meta = torch.frombuffer(bytearray(pickle.dumps((structure, leaves))), dtype=torch.uint8)
+        layout = pickle.dumps((structure, leaves))
         dst = self.global_rank(dst_pp_rank)
         with self._failures("send", where, "to", dst_pp_rank, dst):
-            size = torch.tensor([meta.numel()], dtype=torch.int64, device=self._meta_device)
-            self.transport.send(size, dst, self.meta_group)
-            self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
-            for tensor in tensors:
-                if tensor is not None:
-                    self.transport.send(tensor.detach().contiguous(), dst, self.group)
+            repeat = self._sent_layout.get(dst) == layout
+            header = torch.tensor([_SAME_LAYOUT if repeat else len(layout)], dtype=torch.int64)
+            self.transport.send(header.to(self._meta_device), dst, self.meta_group)
+            if not repeat:
+                meta = torch.frombuffer(bytearray(layout), dtype=torch.uint8)
+                self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
+                self._sent_layout[dst] = layout
+            for bucket in _dtype_buckets(leaves):
+                if len(bucket) == 1:
+                    self.transport.send(tensors[bucket[0]].detach().contiguous(), dst, self.group)
+                else:
+                    flat = torch.cat([tensors[i].detach().reshape(-1) for i in bucket])
+                    self.transport.send(flat, dst, self.group)
 
     def recv(self, src_pp_rank: int, *, what: str = "a payload") -> Any:
         """Receives the next payload from pipeline rank ``src_pp_rank``, in fresh buffers.
@@ -200,21 +226,36 @@ class PipeComm:
             return self._recv(src)
 
     def _recv(self, src: int) -> Any:
-        size = torch.empty(1, dtype=torch.int64, device=self._meta_device)
-        self.transport.recv(size, src, self.meta_group)
-        meta = torch.empty(int(size.item()), dtype=torch.uint8, device=self._meta_device)
-        self.transport.recv(meta, src, self.meta_group)
-        structure, leaves = pickle.loads(meta.cpu().numpy().tobytes())
-        tensors: list[Optional[torch.Tensor]] = []
-        for leaf in leaves:
+        header = torch.empty(1, dtype=torch.int64, device=self._meta_device)
+        self.transport.recv(header, src, self.meta_group)
+        size = int(header.item())
+        if size == _SAME_LAYOUT:
+            if src not in self._received_layout:
+                raise RuntimeError(f"global rank {src} repeated a layout it never sent (sender and receiver out of step).")
+            structure, leaves = self._received_layout[src]
+        else:
+            meta = torch.empty(size, dtype=torch.uint8, device=self._meta_device)
+            self.transport.recv(meta, src, self.meta_group)
+            structure, leaves = pickle.loads(meta.cpu().numpy().tobytes())
+            self._received_layout[src] = (structure, leaves)
+        tensors: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        for bucket in _dtype_buckets(leaves):
+            shapes = [leaves[i].shape for i in bucket]  # type: ignore[union-attr]
+            numels = [math.prod(shape) for shape in shapes]
+            flat = torch.empty(sum(numels), dtype=leaves[bucket[0]].dtype, device=self.device)  # type: ignore[union-attr]
+            self.transport.recv(flat, src, self.group)
+            for i, part, shape in zip(bucket, flat.split(numels), shapes):
+                tensors[i] = part.view(shape)
+        for i, leaf in enumerate(leaves):
+            tensor = tensors[i]
             if leaf is None:
-                tensors.append(None)
                 continue
-            tensor = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
-            self.transport.recv(tensor, src, self.group)
+            if tensor is None:  # an empty tensor: nothing was sent for it
+                tensor = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
             if leaf.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
-                tensor.requires_grad_(True)
-            tensors.append(tensor)
+                # A leaf of its own, even when it views a shared flat buffer.
+                tensor = tensor.detach().requires_grad_(True)
+            tensors[i] = tensor
         return unflatten_payload(structure, tensors)
 
     @contextmanager
@@ -249,6 +290,21 @@ class PipeComm:
                 peer=peer,
                 operation=operation,
             ) from error
+
+
+_SAME_LAYOUT = -1
+
+
+def _dtype_buckets(leaves: list[Optional[_Leaf]]) -> list[list[int]]:
+    """Indices of the non-empty tensors grouped by dtype, in order of first appearance.
+
+    Sender and receiver compute it from the same layout, so they agree on the messages.
+    """
+    buckets: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if leaf is not None and math.prod(leaf.shape) > 0:
+            buckets.setdefault(leaf.dtype, []).append(i)
+    return list(buckets.values())
 
 
 def _seconds(timeout: Optional[timedelta]) -> str:

@@ -20,7 +20,16 @@ from blocking import RendezvousTransport
 from models import trainer_kwargs
 from multirank import run_on_ranks
 
-from lightning_pp.chunking import ChunkPlanner, FitError, LatencyModel, fit_latency, plan_chunks, share_latency_model
+from lightning_pp.chunking import (
+    ChunkPlanner,
+    FitError,
+    LatencyModel,
+    fit_latency,
+    plan_chunks,
+    profile_grid,
+    profile_latency,
+    share_latency_model,
+)
 from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
 from lightning_pp.models.llama import DecoderConfig, DecoderLM
 
@@ -136,8 +145,51 @@ def test_fit_recovers_a_quadratic_and_refuses_bad_samples():
         fit_latency(sizes, [5e-3 + 1e-6 * n * n - 2e-4 * n for n in sizes])  # falls before it rises
     with pytest.raises(FitError, match="three or more"):
         fit_latency([8, 8, 16], [1.0, 1.0, 2.0])
+    with pytest.raises(FitError, match="three or more"):
+        fit_latency([8, 16, 8], [1.0, 2.0, 1.0], prefixes=[0, 0, 0])
+    with pytest.raises(FitError, match="cannot separate"):  # one size at three prefixes: n and 1 are collinear
+        fit_latency([8, 8, 8], [1.0, 2.0, 3.0], prefixes=[0, 8, 16])
     with pytest.raises(FitError, match="NaN"):
         fit_latency([1, 2, 3], [1.0, float("nan"), 2.0])
+
+
+def _noisy(model, points, seed, rel=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return [model.chunk_cost(p, n) * (1 + rel * (2 * torch.rand(1, generator=g).item() - 1)) for p, n in points]
+
+
+def test_prefixed_samples_pin_down_the_attention_term_that_fresh_chunks_cannot():
+    """A CPU-like model: the linear term dominates fresh chunks, the n·p term shows only after a prefix."""
+    truth = LatencyModel(2e-8, 3e-5, 1e-3)
+    sizes = list(range(64, 513, 64))
+    points = profile_grid(sizes, [0, 512, 1024])
+    assert points[:2] == [(0, 64), (0, 128)] and points[-1] == (1024, 512) and len(points) == 24
+    fit = fit_latency([n for _, n in points], _noisy(truth, points, seed=0), prefixes=[p for p, _ in points])
+    assert fit.a == pytest.approx(truth.a, rel=0.1) and fit.b == pytest.approx(truth.b, rel=0.1)
+    fresh = [(0, n) for n in sizes]
+    fresh_fit = fit_latency(sizes, _noisy(truth, fresh, seed=0))
+    assert abs(fresh_fit.a / truth.a - 1) > 3 * abs(fit.a / truth.a - 1)  # same noise, far worse curvature
+    # Planned from the noisy fit, chunks cost the same under the *true* model.
+    chunks = plan_chunks(fit, 1536, first_chunk=256)
+    prefix, costs = 0, []
+    for n in chunks[:-1]:
+        costs.append(truth.chunk_cost(prefix, n))
+        prefix += n
+    assert chunks[1] < chunks[0] and max(costs) / min(costs) < 1.05
+    fixed = [truth.chunk_cost(p, 256) for p in range(0, 1536, 256)]
+    assert max(fixed) / min(fixed) > 1.5  # what equal-token chunks would cost instead
+
+
+def test_profile_times_each_point_after_an_untimed_setup():
+    calls = []
+    ps, ns, ys = profile_latency(
+        lambda p, n: calls.append(("run", p, n)),
+        [(0, 4), (8, 4), (8, 2)],
+        setup=lambda p, n: calls.append(("setup", p, n)),
+    )
+    assert (ps, ns) == ([0, 8, 8], [4, 4, 2]) and len(ys) == 3 and all(y >= 0 for y in ys)
+    warm_up_and_first = [("setup", 0, 4), ("run", 0, 4)] * 2
+    assert calls == warm_up_and_first + [("setup", 8, 4), ("run", 8, 4), ("setup", 8, 2), ("run", 8, 2)]
 
 
 def test_chunks_take_equal_predicted_time_as_the_prefix_grows():
@@ -207,8 +259,9 @@ def test_token_ids_cross_to_the_device_only_when_launched_and_profiler_uses_the_
     assert copied[:2] == [4 + 4, 2] and sum(copied) == sum(len(p) for p in PROMPTS[:3]) + 3 * 1
     assert all(len(seq) == 2 for seq in out)
     platform.calls.clear()
-    planner, why = init_chunk_planner(parts, stage, first_chunk=4, profile_sizes=[2, 4, 8, 16])
-    assert [n for op, n in platform.calls if op == "to_device"] == [2, 2, 4, 8, 16]  # warm-up, then each size
+    planner, why = init_chunk_planner(parts, stage, first_chunk=4, profile_sizes=[2, 4, 8, 16], profile_prefixes=[0, 8])
+    # Warm-up, each size fresh, the 8-token prefix prefilled in chunks of 4 (once), each size after it.
+    assert [n for op, n in platform.calls if op == "to_device"] == [2, 2, 4, 8, 16, 4, 4, 2, 4, 8, 16]
     assert (planner.model is None) == (why is not None)
 
 
@@ -216,7 +269,7 @@ CASES = {
     "eos": dict(max_new_tokens=6, num_microbatches=4, batch_size=7),
     "batches-chunked": dict(max_new_tokens=5, num_microbatches=4, batch_size=3, prefill_chunk=4),
     "failed-predictor": dict(max_new_tokens=4, num_microbatches=4, batch_size=7, prefill_chunk=4,
-                             chunk_predictor=True, profile_sizes=[4, 4, 8]),
+                             chunk_predictor=True, profile_sizes=[4, 4, 8], profile_prefixes=[0]),
 }
 
 

@@ -13,8 +13,18 @@ concatenated (``[rows, hidden]``), described by a :class:`StepRows`. Each layer
 keeps the keys and values of every sequence it has seen in a :class:`KVCache`
 entry of its own, so a pipeline stage holds exactly the cache of its layers.
 
+Parallelism: attention heads split over attention-TP and the MLP over MLP-TP, as
+in the block. The block's ``cp`` ranks can only run in ``"data"`` mode here
+(data-parallel attention): a KV cache holds whole sequences, so each cp rank
+attends over its own sequences, and the MLP runs on the rows of every cp rank,
+gathered; a forward with no rows of its own (an *idle* forward) still joins the
+gather and the all-reduces. ``"context"`` mode would split one sequence's cache
+over ranks, which is not implemented, and is refused.
+
 Loading: :meth:`DecoderLM.from_pretrained` reads a local Hugging Face directory
-(``config.json`` and ``*.safetensors``); it never touches the network.
+(``config.json`` and ``*.safetensors``); it never touches the network. A model
+loaded unsharded becomes this rank's shards with :meth:`DecoderLM.shard` (or
+:func:`shard_layers` for the layers alone).
 """
 
 from __future__ import annotations
@@ -22,17 +32,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from lightning_pp.comm.collectives import gather_tokens, scatter_tokens
 from lightning_pp.comm.fused_allreduce import allreduce_add_rmsnorm
-from lightning_pp.models.tp_block import BlockConfig, BlockGroups, ParallelAttention, SwiGLUMLP
+from lightning_pp.kv_cache import KVCache, StepRows
+from lightning_pp.models.tp_block import ATTENTION_MODES, BlockConfig, BlockGroups, ParallelAttention, SwiGLUMLP
 from lightning_pp.parallel_layers import RMSNorm
+from lightning_pp.topology import ParallelGroup
 
-__all__ = ["DecoderConfig", "DecoderLM", "DecoderLayer", "KVCache", "RotaryEmbedding", "StepRows"]
+__all__ = ["DecoderConfig", "DecoderLM", "DecoderLayer", "KVCache", "RotaryEmbedding", "StepRows", "shard_layers"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +68,14 @@ class DecoderConfig:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {self.num_layers}.")
 
-    def block_config(self) -> BlockConfig:
+    def block_config(self, attention_mode: str = "context") -> BlockConfig:
         return BlockConfig(
             hidden_size=self.hidden_size,
             num_heads=self.num_heads,
             ffn_hidden_size=self.intermediate_size,
             num_kv_heads=self.num_kv_heads,
             eps=self.rms_norm_eps,
+            attention_mode=attention_mode,
         )
 
     @classmethod
@@ -101,54 +115,6 @@ class DecoderConfig:
         )
 
 
-@dataclass(frozen=True)
-class StepRows:
-    """Which sequences the packed rows of one forward call belong to.
-
-    Rows ``[offsets[i], offsets[i] + num_new[i])`` are the new tokens of sequence
-    ``seq_ids[i]``, at positions ``start[i], start[i] + 1, ...`` (``start[i]`` tokens
-    of it are already cached).
-    """
-
-    seq_ids: tuple[int, ...]
-    num_new: tuple[int, ...]
-    start: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not len(self.seq_ids) == len(self.num_new) == len(self.start):
-            raise ValueError("seq_ids, num_new and start must have one entry per sequence.")
-
-    @property
-    def num_rows(self) -> int:
-        return sum(self.num_new)
-
-    def positions(self, device: torch.device) -> torch.Tensor:
-        parts = [torch.arange(s, s + n, device=device) for s, n in zip(self.start, self.num_new)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-@dataclass
-class KVCache:
-    """Keys and values of one layer, per sequence: ``seq_id -> ([len, Hkv, D], [len, Hkv, D])``."""
-
-    entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def length(self, seq_id: int) -> int:
-        entry = self.entries.get(seq_id)
-        return 0 if entry is None else entry[0].shape[0]
-
-    def extend(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old = self.entries.get(seq_id)
-        if old is not None:
-            k, v = torch.cat([old[0], k]), torch.cat([old[1], v])
-        self.entries[seq_id] = (k, v)
-        return k, v
-
-    def free(self, seq_ids: Sequence[int]) -> None:
-        for seq_id in seq_ids:
-            self.entries.pop(seq_id, None)
-
-
 class RotaryEmbedding:
     """Rotary position embedding, rotating the two halves of each head (Llama's convention).
 
@@ -175,8 +141,12 @@ class CachedAttention(ParallelAttention):
 
     def __init__(self, config: BlockConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
         super().__init__(config, groups)
-        if groups.cp.size != 1:
-            raise ValueError("DecoderLM keeps a whole sequence's cache on one rank: use cp size 1.")
+        if groups.cp.size != 1 and config.attention_mode != "data":
+            raise ValueError(
+                f"DecoderLM keeps a whole sequence's cache on one rank, so its {groups.cp.size} cp ranks cannot split "
+                f"one sequence (attention_mode={config.attention_mode!r}): use attention_mode='data' (each cp rank "
+                "runs its own sequences, data-parallel attention) or a cp size of 1."
+            )
         self.rope = rotary
 
     def forward(self, x: torch.Tensor, *, rows: StepRows, cache: KVCache) -> torch.Tensor:  # type: ignore[override]
@@ -220,23 +190,74 @@ class DecoderLayer(nn.Module):
 
     ``(hidden, residual) -> (output_norm(r'), r')`` with
     ``r' = h + mlp(post_attention_norm(h))`` and ``h = residual + attn(hidden)``.
+
+    With data-parallel attention (a cp group of several ranks, ``attention_mode="data"``)
+    the attention and its attention-TP all-reduce see this rank's rows only; the
+    rows of every cp rank are then gathered, the MLP (split over MLP-TP = cp x tp)
+    runs on all of them, and this rank keeps its own rows after the MLP-TP
+    all-reduce, as :class:`~lightning_pp.models.tp_block.TPTransformerBlock` does.
+
+    Args:
+        config: model sizes.
+        groups: the attention-TP, cp and MLP-TP groups.
+        rotary: the rotary embedding (shared by the layers of a model).
+        attention_mode: ``"context"`` (cp must then have one rank) or ``"data"``.
     """
 
-    def __init__(self, config: DecoderConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: DecoderConfig, groups: BlockGroups, rotary: RotaryEmbedding, *, attention_mode: str = "context"
+    ) -> None:
         super().__init__()
-        block = config.block_config()
-        self.eps, self.groups = block.eps, groups
+        block = config.block_config(attention_mode)
+        self.eps, self.groups, self.attention_mode = block.eps, groups, attention_mode
         self.attn = CachedAttention(block, groups, rotary)
         self.post_attention_norm = RMSNorm(block.hidden_size, eps=block.eps)
         self.mlp = SwiGLUMLP(block, groups)
         self.output_norm = RMSNorm(block.hidden_size, eps=block.eps)
 
+    def allreduce_fusion_groups(self) -> list[tuple[ParallelGroup, int]]:
+        """``(group, hidden_size)`` of each fused all-reduce in :meth:`forward`, for setup-time workspaces."""
+        hidden = self.output_norm.weight.shape[0]
+        return [(self.groups.attn_tp, hidden), (self.groups.mlp_tp, hidden)]
+
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor, *, rows: StepRows, cache: KVCache
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the layer on this rank's packed rows (zero rows for an idle forward).
+
+        Collective over attention-TP, and with data-parallel attention over cp and
+        MLP-TP too: every attention-DP rank must call it for the same forward, each
+        with ``rows.dp_num_rows`` listing every rank's row count.
+        """
         partial = self.attn(hidden, rows=rows, cache=cache)
-        h, residual = allreduce_add_rmsnorm(partial, residual, self.post_attention_norm.weight, eps=self.eps, group=self.groups.attn_tp)
-        return allreduce_add_rmsnorm(self.mlp(h), residual, self.output_norm.weight, eps=self.eps, group=self.groups.mlp_tp)
+        h, residual = allreduce_add_rmsnorm(
+            partial, residual, self.post_attention_norm.weight, eps=self.eps, group=self.groups.attn_tp
+        )
+        cp = self.groups.cp
+        if cp.size == 1:
+            return allreduce_add_rmsnorm(
+                self.mlp(h), residual, self.output_norm.weight, eps=self.eps, group=self.groups.mlp_tp
+            )
+        counts = self._dp_counts(rows)
+        # The MLP's output is replicated over MLP-TP after its all-reduce, so each
+        # rank only keeps its own rows of it (gather grad "slice", as in the block).
+        h_all = gather_tokens(h, cp, counts)
+        residual_all = gather_tokens(residual, cp, counts)
+        normed_all, residual_all = allreduce_add_rmsnorm(
+            self.mlp(h_all), residual_all, self.output_norm.weight, eps=self.eps, group=self.groups.mlp_tp
+        )
+        return scatter_tokens(normed_all, cp, counts), scatter_tokens(residual_all, cp, counts)
+
+    def _dp_counts(self, rows: StepRows) -> tuple[int, ...]:
+        counts = rows.dp_num_rows
+        size = self.groups.cp.size
+        if counts is None or len(counts) != size:
+            raise ValueError(
+                f"data-parallel attention over {size} cp ranks gathers every rank's rows for the MLP, but "
+                f"StepRows.dp_num_rows is {counts}: pass one row count per attention-DP rank (PipelineGenerator "
+                "does so when its StageContext names the attention-DP group)."
+            )
+        return counts
 
 
 class DecoderLM(nn.Module):
@@ -244,18 +265,26 @@ class DecoderLM(nn.Module):
 
     Args:
         config: model sizes.
-        groups: tensor-parallel groups of the attention and MLP (cp must be 1);
+        groups: tensor-parallel groups of the attention and MLP, and the cp group;
             ``None`` runs unsharded with no process group.
+        attention_mode: ``"data"`` lets a cp group of several ranks run
+            data-parallel attention; ``"context"`` (the default) needs cp size 1.
     """
 
-    def __init__(self, config: DecoderConfig, groups: Optional[BlockGroups] = None) -> None:
+    def __init__(
+        self, config: DecoderConfig, groups: Optional[BlockGroups] = None, *, attention_mode: str = "context"
+    ) -> None:
         super().__init__()
-        self.config = config
+        if attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}.")
+        self.config, self.attention_mode = config, attention_mode
         groups = groups or BlockGroups.single()
         rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = nn.Sequential(*(DecoderLayer(config, groups, rotary) for _ in range(config.num_layers)))
+        self.layers = nn.Sequential(
+            *(DecoderLayer(config, groups, rotary, attention_mode=attention_mode) for _ in range(config.num_layers))
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -269,6 +298,28 @@ class DecoderLM(nn.Module):
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's (already normalised) output."""
         return self.lm_head(normed)
+
+    @torch.no_grad()
+    def shard(self, groups: BlockGroups, *, attention_mode: str = "context") -> "DecoderLM":
+        """A new model holding this rank's shards of this (unsharded) model's weights.
+
+        Every rank passes the same full model; each keeps the slices of the
+        projections its groups give it (embeddings, norms and the head stay whole).
+        The result has this model's dtype and device; this model is not changed.
+
+        Raises:
+            ValueError: this model is already sharded (shard from the full weights).
+        """
+        full_layers = [_full_weights(i, layer) for i, layer in enumerate(self.layers)]  # refuses sharded layers first
+        sharded = DecoderLM(self.config, groups, attention_mode=attention_mode)
+        sharded.to(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+        for layer, full in zip(sharded.layers, full_layers):
+            _load_full_layer_(layer, full)
+        sharded.embed_tokens.weight.copy_(self.embed_tokens.weight)
+        sharded.input_norm.weight.copy_(self.input_norm.weight)
+        if not self.config.tie_word_embeddings:  # tied: the head is the embedding copied above
+            sharded.lm_head.weight.copy_(self.lm_head.weight)
+        return sharded
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -287,11 +338,13 @@ class DecoderLM(nn.Module):
         path: Union[str, os.PathLike],
         *,
         groups: Optional[BlockGroups] = None,
+        attention_mode: str = "context",
         dtype: torch.dtype = torch.float32,
     ) -> "DecoderLM":
         """Loads a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
 
         Each rank loads its tensor-parallel shard of every projection from the full weights.
+        ``groups`` and ``attention_mode`` are as in :class:`DecoderLM`.
 
         Raises:
             FileNotFoundError: the directory lacks ``config.json`` or safetensors files.
@@ -311,7 +364,7 @@ class DecoderLM(nn.Module):
         state: dict[str, torch.Tensor] = {}
         for name in files:
             state.update(load_file(os.path.join(path, name)))
-        model = cls(config, groups)
+        model = cls(config, groups, attention_mode=attention_mode)
         model._load_hf_state(state)
         return model.to(dtype)
 
@@ -331,14 +384,13 @@ class DecoderLM(nn.Module):
         self.input_norm.weight.copy_(take("layers.0.input_layernorm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.attn, proj).load_full_weight_(take(p + f"self_attn.{proj}.weight"))
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                getattr(layer.mlp, proj).load_full_weight_(take(p + f"mlp.{proj}.weight"))
-            layer.post_attention_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
             # The fused layout: this layer ends with the next layer's input norm (the final norm last).
             nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < num_layers else "norm.weight"
-            layer.output_norm.weight.copy_(take(nxt))
+            full = {f"attn.{n}": take(p + f"self_attn.{n}.weight") for n in _ATTN_PROJECTIONS}
+            full.update({f"mlp.{n}": take(p + f"mlp.{n}.weight") for n in _MLP_PROJECTIONS})
+            full["post_attention_norm"] = take(p + "post_attention_layernorm.weight")
+            full["output_norm"] = take(nxt)
+            _load_full_layer_(layer, full)
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         else:
@@ -346,3 +398,65 @@ class DecoderLM(nn.Module):
         unexpected = sorted(set(state) - used)
         if unexpected:
             raise ValueError(f"the checkpoint has tensors DecoderLM does not use: {unexpected[:5]}")
+
+
+_ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@torch.no_grad()
+def _load_full_layer_(layer: DecoderLayer, full: dict[str, torch.Tensor]) -> None:
+    """Copies this rank's shards of one layer's full weights (keys ``attn.q_proj``, ..., ``output_norm``)."""
+    for name in _ATTN_PROJECTIONS:
+        getattr(layer.attn, name).load_full_weight_(full[f"attn.{name}"])
+    for name in _MLP_PROJECTIONS:
+        getattr(layer.mlp, name).load_full_weight_(full[f"mlp.{name}"])
+    layer.post_attention_norm.weight.copy_(full["post_attention_norm"])
+    layer.output_norm.weight.copy_(full["output_norm"])
+
+
+def _full_weights(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of an unsharded decoder layer, keyed as :func:`_load_full_layer_` reads them."""
+    groups = getattr(layer, "groups", None)
+    if not isinstance(layer, DecoderLayer) or groups is None or max(groups.attn_tp.size, groups.cp.size) > 1:
+        raise ValueError(
+            f"layer {index} is {'already sharded' if isinstance(layer, DecoderLayer) else type(layer).__name__}: "
+            "sharding takes the unsharded DecoderLayers of a model built (or loaded) without groups."
+        )
+    return {
+        **{f"attn.{n}": getattr(layer.attn, n).weight for n in _ATTN_PROJECTIONS},
+        **{f"mlp.{n}": getattr(layer.mlp, n).weight for n in _MLP_PROJECTIONS},
+        "post_attention_norm": layer.post_attention_norm.weight,
+        "output_norm": layer.output_norm.weight,
+    }
+
+
+@torch.no_grad()
+def shard_layers(
+    layers: Sequence[nn.Module], config: DecoderConfig, groups: BlockGroups, *, attention_mode: str = "context"
+) -> nn.Sequential:
+    """New decoder layers holding this rank's shards of unsharded ``layers``.
+
+    Every rank of the groups calls it with the same full layers and keeps its
+    slices (:meth:`ColumnParallelLinear.load_full_weight_` and its row-parallel
+    twin pick them). The new layers take the old ones' dtype and device.
+
+    Args:
+        layers: unsharded :class:`DecoderLayer` s (built with no groups).
+        config: their model sizes.
+        groups: the groups to shard over.
+        attention_mode: ``"data"`` for data-parallel attention over a cp group of
+            several ranks.
+
+    Raises:
+        ValueError: a layer is not a :class:`DecoderLayer`, or is already sharded.
+    """
+    rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta)
+    full_layers = [_full_weights(i, layer) for i, layer in enumerate(layers)]
+    sharded = []
+    for full in full_layers:
+        weight = full["attn.q_proj"]
+        layer = DecoderLayer(config, groups, rotary, attention_mode=attention_mode)
+        _load_full_layer_(layer.to(device=weight.device, dtype=weight.dtype), full)
+        sharded.append(layer)
+    return nn.Sequential(*sharded)
