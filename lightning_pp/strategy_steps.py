@@ -1,0 +1,303 @@
+"""``PPStrategy``'s steps: training, validation and test run whole pipeline schedules.
+
+How a training step runs (automatic optimization)::
+
+    Lightning                         PPStrategy
+    ---------                         ----------
+    training_step(batch) ──────────▶  split batch into m microbatches; run the whole
+                                      schedule (forwards *and* backwards); stash the
+                                      new gradients; return the batch loss
+    zero_grad()                       (wipes .grad -- our stash is safe)
+    backward(loss) ────────────────▶  add the stashed gradients to .grad
+    clip / optimizer.step()           global-norm clipping over all stages
+
+Lightning zeroes gradients *between* ``training_step`` and ``backward``, so the
+schedule cannot leave its gradients in ``.grad``; it cannot wait for ``backward``
+either, because the step must return the loss that only the schedule computes.
+
+Kept apart from the strategy's set-up so each file does one job. The mixin reads
+the pipeline state the strategy sets up (``pp_rank``, ``_pipelined``, ``_comm``,
+``topology``, the groups).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_pp.engine import PipelineExecutor
+from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sum_over_group
+from lightning_pp.microbatch import batch_rows, split_microbatches
+from lightning_pp.model_parallel import counts_once
+from lightning_pp.schedules import Schedule, build_schedule
+from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
+from lightning_pp.trace import TraceRecorder
+
+__all__ = ["StepsMixin"]
+
+
+class StepsMixin:
+    """Step hooks of :class:`~lightning_pp.strategy.PPStrategy` (see the module docstring)."""
+
+    def _schedule(self, num_microbatches: int, forward_only: bool) -> Schedule:
+        key = (num_microbatches, forward_only)
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(
+                self.schedule_name,
+                self.pp_size,
+                num_microbatches,
+                virtual_stages=self.virtual_stages,
+                forward_only=forward_only,
+            )
+        return self._schedules[key]
+
+    @contextmanager
+    def _traced_step(self, schedule: Schedule) -> Iterator[Optional[TraceRecorder]]:
+        if self._tracer is None:
+            yield None
+            return
+        describe = {
+            "schedule": schedule.name,
+            "pp_size": schedule.pp_size,
+            "num_microbatches": schedule.num_microbatches,
+            "virtual_stages": schedule.virtual_stages,
+            "dp_size": self.dp_size,
+        }
+        with self._tracer.step(describe) as recorder:
+            yield recorder
+
+    def _executor(self, schedule: Schedule) -> PipelineExecutor:
+        assert self._pipelined is not None
+        return PipelineExecutor(
+            self._pipelined.stages,
+            schedule,
+            self.pp_rank,
+            self._comm if self.pp_size > 1 else None,
+            sequential_name=f"self.{self._pipelined_attr}",
+        )
+
+    def _split(self, batch: Any) -> tuple[list[Any], list[float]]:
+        """The batch's microbatches (one per row at most) and each one's share of the rows."""
+        rows = batch_rows(batch)
+        microbatches = split_microbatches(batch, min(self.num_microbatches, rows))
+        return microbatches, [batch_rows(mb) / rows for mb in microbatches]
+
+    @contextmanager
+    def _microbatch_steps(self, hook: str, microbatches: list[Any], args: tuple, kwargs: dict) -> Iterator[tuple]:
+        """Yields ``(step_fn, recorder)`` running the user's ``hook`` on each microbatch."""
+        module = self.lightning_module
+        assert module is not None and self._pipelined is not None
+        recorder = LogRecorder()
+        user_step = getattr(module, hook)
+        pipelined = self._pipelined
+
+        def step_fn(k: int, call_sequential: Any) -> Any:
+            recorder.start_microbatch()
+            pipelined.handler = call_sequential
+            try:
+                return user_step(microbatches[k], *args, **kwargs)
+            finally:
+                pipelined.handler = None
+
+        # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
+        module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign]
+        try:
+            yield step_fn, recorder
+        finally:
+            del module.log, module.log_dict
+
+    def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
+        """Sends the last stage's combined output and logs to every stage, then logs them."""
+        module = self.lightning_module
+        assert module is not None
+        is_last = self.pp_rank == self.pp_size - 1
+        payload = None
+        if is_last:
+            logs = recorder.combined(weights)
+            payload = _to_cpu((output, logs))
+        if self.pp_size > 1:
+            holder = [payload]
+            group = self._pp_cpu_group or self._pp_group
+            dist.broadcast_object_list(holder, src=dist.get_global_rank(group, self.pp_size - 1), group=group)
+            payload = holder[0]
+        output, logs = _to_device(payload, self.root_device)
+        for name, (value, log_kwargs) in logs.items():
+            module.log(name, value, **log_kwargs)
+        return output
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch, rest = args[0], args[1:]
+        trainer = self.lightning_module.trainer
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        accumulate = trainer.accumulate_grad_batches
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        microbatches, weights = self._split(batch)
+        schedule = self._schedule(len(microbatches), forward_only=False)
+        with self._traced_step(schedule) as tracer:
+            with self.precision_plugin.train_step_context(), self._microbatch_steps(
+                "training_step", microbatches, rest, kwargs
+            ) as (step_fn, recorder):
+
+                def loss_fn(k: int, step_output: Any) -> Tensor:
+                    # One device back-propagates mean(batch) / accumulate: each microbatch
+                    # contributes its share of the rows.
+                    loss = extract_loss(step_output) * (weights[k] / accumulate)
+                    return scaler.scale(loss) if scaler is not None else loss
+
+                executor = self._executor(schedule)
+                executor.tracer = tracer
+                results = executor.run(step_fn, loss_fn)
+            output = None
+            if results:
+                output = weighted_mean([results[k] for k in range(len(weights))], weights)
+                if isinstance(output, Tensor):
+                    output = output.detach()
+            waited_from = tracer.now() if tracer is not None else 0.0
+            output = self._publish(recorder, weights, output)
+            if tracer is not None:
+                # Time every stage spends waiting for the loss and logs of the last stage.
+                tracer.add_span("wait", waited_from, tracer.now())
+        if self.check_finite_loss:
+            self._raise_if_not_finite(extract_loss(output), trainer, args[1] if len(args) > 1 else None)
+        new_grads = [p.grad for p in params]
+        for p, grad in zip(params, previous):
+            p.grad = grad
+        self._pending_grads = self._reduce_gradients(params, new_grads)
+        return output
+
+    def _raise_if_not_finite(self, loss: Tensor, trainer: "pl.Trainer", batch_idx: Any) -> None:
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if self.dp_size > 1:
+            # Every replica must stop together, or the healthy ones wait forever.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)
+        if not bool(finite.item()):
+            raise FloatingPointError(
+                f"The training loss is not finite (this replica: {loss.item()}) at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}, batch {batch_idx}). Every pipeline rank stops here. Lower the "
+                "learning rate, clip gradients or check the data; PPStrategy(check_finite_loss=False) trains on."
+            )
+
+    @override
+    def on_train_start(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._check_same_on_pipeline("training batches per epoch", trainer.num_training_batches)
+
+    @override
+    def on_validation_start(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._check_same_on_pipeline("validation batches", trainer.num_val_batches)
+
+    def _check_same_on_pipeline(self, what: str, value: Any) -> None:
+        """Fails on every rank when the stages of a pipeline would run different numbers of steps."""
+        if self.pp_size == 1:
+            return
+        values: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(values, value, group=self._pp_cpu_group or self._pp_group)
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"The stages of one pipeline see different numbers of {what}: {values} (by pipeline rank). Every "
+                "stage must iterate the same data: give each rank the same dataloader and let PPStrategy split it "
+                "over data-parallel replicas."
+            )
+
+    def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline.
+
+        With context parallelism, attention parameters saw only this rank's tokens:
+        their gradients are first summed over the cp group.
+        """
+        if self._cp_partial_ids:
+            assert self.topology is not None
+            partial = [g for p, g in zip(params, grads) if id(p) in self._cp_partial_ids and g is not None]
+            sum_over_group(partial, self.topology.cp.device_group)
+        return reduce_stage_gradients(
+            params,
+            grads,
+            shared=lambda p: id(p) not in self._pipelined_param_ids,
+            pp_group=self._pp_group,
+            pp_size=self.pp_size,
+            dp_group=self._dp_group,
+            dp_size=self.dp_size,
+        )
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
+        """Adds the gradients the schedule computed in ``training_step`` to ``.grad``.
+
+        The precision plugin's pre/post hooks still run, so ``on_before_backward`` and
+        ``on_after_backward`` fire as on one device.
+        """
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p, grad in zip(params, self._pending_grads or []):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+        self._pending_grads = None
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
+        """``clip_grad_norm_`` with the norm taken over every stage's gradients."""
+        assert self.topology is not None and self._pipelined is not None
+        # Parameters outside the Sequential are copies on every stage, and tensor-parallel
+        # stages hold copies and shards: each distinct tensor counts once.
+        counted = counts_once(
+            self._pipelined,
+            self.topology,
+            replicated_over_pipeline=lambda p: id(p) not in self._pipelined_param_ids,
+        )
+        clip_grad_norm_across_stages(
+            optimizer.param_groups,
+            clip_val,
+            counted=counted,
+            group=self._replica_group,
+            device=self.root_device,
+        )
+
+    def _eval_step(self, hook: str, args: tuple, kwargs: dict, combine: str) -> Any:
+        batch, rest = args[0], args[1:]
+        plugin = self.precision_plugin
+        context = plugin.val_step_context() if hook != "predict_step" else plugin.predict_step_context()
+        microbatches, weights = self._split(batch)
+        with context, self._microbatch_steps(hook, microbatches, rest, kwargs) as (step_fn, recorder):
+            results = self._executor(self._schedule(len(weights), forward_only=True)).run(step_fn)
+        output = None
+        outputs = [results[k] for k in sorted(results)]
+        if outputs and all(o is not None for o in outputs):
+            output = weighted_mean(outputs, weights) if combine == "mean" else concat_outputs(outputs)
+        return self._publish(recorder, weights, output)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("validation_step", args, kwargs, combine="mean")
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("test_step", args, kwargs, combine="mean")
+
+
+def _to_cpu(obj: Any) -> Any:
+    return move_data_to_device(obj, torch.device("cpu"))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    return move_data_to_device(obj, device)
