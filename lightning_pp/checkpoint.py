@@ -41,6 +41,8 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
+from lightning_pp.collective_errors import named_failures
+
 __all__ = [
     "META_FILENAME",
     "CheckpointWriteError",
@@ -215,7 +217,8 @@ def gather_param_group_names(
     gathered: list[Any] = [local]
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, local, group=group)
+        with named_failures("gather the optimizer's parameter names from every stage (checkpoint save)", group):
+            dist.all_gather_object(gathered, local, group=group)
     result = []
     for o in range(len(optimizers)):
         groups = []
@@ -258,7 +261,9 @@ def save_sharded_checkpoint(
     """
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    nonce = _broadcast_str(uuid.uuid4().hex[:12] if rank == 0 else "", process_group)
+    nonce = _broadcast_str(
+        uuid.uuid4().hex[:12] if rank == 0 else "", process_group, f"agree on a staging directory for checkpoint {path}"
+    )
     staging = path.parent / f".{path.name}.partial-{nonce}"
     flat: dict[str, Any] = {_MODEL + k: v for k, v in checkpoint["state_dict"].items()}
     optimizer_states = checkpoint.get("optimizer_states")
@@ -283,9 +288,10 @@ def save_sharded_checkpoint(
         if rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             staging.mkdir()
-        _barrier(process_group)
+        _barrier(process_group, f"wait for rank 0 to create the staging directory of checkpoint {path}")
         try:
-            dcp.save(flat, checkpoint_id=staging, process_group=process_group, no_dist=not dist.is_initialized())
+            with named_failures(f"write checkpoint {path} (torch.distributed.checkpoint)", process_group):
+                dcp.save(flat, checkpoint_id=staging, process_group=process_group, no_dist=not dist.is_initialized())
         except CheckpointException as error:
             # DCP's error is a BaseException that lists every failed rank's traceback.
             failed = {rank: _last_line(trace) for rank, trace in error.failures.items()}
@@ -302,7 +308,11 @@ def save_sharded_checkpoint(
             except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
                 failure = error
         # Every rank learns the outcome: a rank left in a barrier would wait out the timeout.
-        outcome = _broadcast_str(f"{type(failure).__name__}: {failure}" if failure else "", process_group)
+        outcome = _broadcast_str(
+            f"{type(failure).__name__}: {failure}" if failure else "",
+            process_group,
+            f"learn from rank 0 whether checkpoint {path} was committed",
+        )
         if failure is not None:
             raise failure
         if outcome:
@@ -430,7 +440,8 @@ def load_sharded_checkpoint(
             # Parameter names are leaves (never a dotted prefix of another), state keys have no dots.
             wanted += [k for k in stored if k.startswith(prefix) and k[len(prefix):].rpartition(".")[0] in local]
     targets = _targets(stored, wanted)
-    dcp.load(targets, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
+    with named_failures(f"read checkpoint {path} (torch.distributed.checkpoint)", process_group):
+        dcp.load(targets, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
     checkpoint = dict(meta)
     checkpoint["state_dict"] = {k[len(_MODEL):]: v for k, v in targets.items() if k.startswith(_MODEL)}
     if groups is not None:
@@ -510,14 +521,16 @@ def consolidate_checkpoint(path: PathLike, output_path: Optional[PathLike] = Non
 
 
 # -- small collectives ------------------------------------------------------------------------
-def _broadcast_str(value: str, group: Optional[dist.ProcessGroup]) -> str:
+def _broadcast_str(value: str, group: Optional[dist.ProcessGroup], operation: str) -> str:
     if not dist.is_initialized():
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    with named_failures(operation, group):
+        dist.broadcast_object_list(holder, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     return holder[0]
 
 
-def _barrier(group: Optional[dist.ProcessGroup]) -> None:
+def _barrier(group: Optional[dist.ProcessGroup], operation: str) -> None:
     if dist.is_initialized():
-        dist.barrier(group=group)
+        with named_failures(operation, group):
+            dist.barrier(group=group)

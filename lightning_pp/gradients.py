@@ -22,17 +22,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_pp.collective_errors import named_failures
+
 __all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sum_over_group", "sync_found_inf"]
 
 
-def _all_reduce_flat(tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup], scale: float = 1.0) -> None:
-    """Sums ``tensors`` over ``group`` in place, one collective per (dtype, device)."""
+def _all_reduce_flat(
+    tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup], scale: float = 1.0, *, operation: str
+) -> None:
+    """Sums ``tensors`` over ``group`` in place, one collective per (dtype, device).
+
+    ``operation`` completes "Global rank 3 could not ..." in the error a lost peer raises.
+    """
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         buckets.setdefault((t.dtype, t.device), []).append(t)
     for bucket in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat, group=group)
+        with named_failures(operation, group):
+            dist.all_reduce(flat, group=group)
         if scale != 1.0:
             flat.mul_(scale)
         offset = 0
@@ -41,10 +49,15 @@ def _all_reduce_flat(tensors: Sequence[Tensor], group: Optional[dist.ProcessGrou
             offset += t.numel()
 
 
-def sum_over_group(tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup]) -> None:
+def sum_over_group(
+    tensors: Sequence[Tensor],
+    group: Optional[dist.ProcessGroup],
+    *,
+    operation: str = "sum partial gradients over their group",
+) -> None:
     """Sums ``tensors`` in place over ``group`` (nothing to do for ``None``, a group of one)."""
     if group is not None and tensors:
-        _all_reduce_flat(tensors, group)
+        _all_reduce_flat(tensors, group, operation=operation)
 
 
 def reduce_stage_gradients(
@@ -70,9 +83,18 @@ def reduce_stage_gradients(
     if pp_size > 1:
         pipeline_copies = [g for p, g in zip(params, out) if shared(p) and g is not None]
         if pipeline_copies:
-            _all_reduce_flat(pipeline_copies, pp_group)
+            _all_reduce_flat(
+                pipeline_copies,
+                pp_group,
+                operation="sum the gradients of the parameters outside the pipelined Sequential over the pipeline",
+            )
     if dp_size > 1:
-        _all_reduce_flat([g for g in out if g is not None], dp_group, scale=1.0 / dp_size)
+        _all_reduce_flat(
+            [g for g in out if g is not None],
+            dp_group,
+            scale=1.0 / dp_size,
+            operation="average the gradients over the data-parallel replicas",
+        )
     return out
 
 
@@ -98,7 +120,8 @@ def clip_grad_norm_across_stages(
         if counted(p):
             local += p.grad.detach().double().pow(2).sum()
     if group is not None:
-        dist.all_reduce(local, group=group)
+        with named_failures("add up the gradient norm over the ranks of the replica (gradient clipping)", group):
+            dist.all_reduce(local, group=group)
     total_norm = local.sqrt()
     # The same formula as torch.nn.utils.clip_grad_norm_.
     clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)
@@ -121,7 +144,8 @@ def sync_found_inf(scaler: Any) -> None:
     def unscale_(optimizer: Any) -> None:
         unscale(optimizer)
         for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            with named_failures("agree with every rank whether the fp16 gradients overflowed (GradScaler)"):
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
 
     unscale_._lightning_pp_synced = True  # type: ignore[attr-defined]
     scaler.unscale_ = unscale_

@@ -18,6 +18,8 @@ averaged over the replicas of each stage. Tensor- and context-parallel layers
 from __future__ import annotations
 
 import atexit
+import gc
+import weakref
 from datetime import timedelta
 from typing import Any, Optional, Sequence, Union
 
@@ -37,6 +39,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pp.balance import balance_by_time, profile_layer_times
+from lightning_pp.collective_errors import named_failures
 from lightning_pp.gradients import sync_found_inf
 from lightning_pp.interrupts import install_interrupt_escalation
 from lightning_pp.model_parallel import cp_partial_parameter_ids, pre_initialize_stage_fusion
@@ -305,10 +308,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         backend = self._process_group_backend or platform.dist_backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        if backend == distributed_backend_for("cpu"):
-            # NOTE: Lightning registers destroy_process_group at exit only for its GPU
-            # backend; gloo ranks left to interpreter shutdown can abort.
-            atexit.register(_destroy_process_group)
+        # NOTE: gloo groups still alive at interpreter shutdown can abort the process
+        # (see _release_at_exit), with any backend: device groups have gloo CPU twins.
+        atexit.register(_release_at_exit, weakref.ref(self))
         self.topology = topology = build_topology(shape, device_type=self.root_device.type)
         # The mesh's groups exist even for axes of size one (a ParallelGroup of one has none).
         self._pp_group, self._dp_group = topology.mesh.get_group("pp"), topology.mesh.get_group("dp")
@@ -325,6 +327,12 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
             platform=platform,
             timeout=self._timeout,
         )
+
+    def _release_process_groups(self) -> None:
+        """Drops this strategy's references to its process groups (at exit: nothing communicates after)."""
+        self._comm = None
+        self._pp_group = self._dp_group = self._pp_cpu_group = self._replica_group = None
+        self.topology = None
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -428,14 +436,16 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
     @override
     def barrier(self, name: Optional[str] = None) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            with named_failures(f"pass the barrier {name!r}" if name else "pass a barrier", timeout=self._timeout):
+                dist.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not (dist.is_available() and dist.is_initialized()):
             return obj
         holder = [obj]
-        dist.broadcast_object_list(holder, src)
+        with named_failures(f"broadcast an object from global rank {src}", timeout=self._timeout):
+            dist.broadcast_object_list(holder, src)
         return holder[0]
 
     @override
@@ -446,12 +456,34 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         # stage), so a world-wide mean equals the mean over replicas.
         if not isinstance(tensor, Tensor) or not dist.is_initialized():
             return tensor
-        return _sync_ddp(tensor, group=group, reduce_op=reduce_op)
+        with named_failures(f"reduce a logged value ({reduce_op}) over the replicas", group, timeout=self._timeout):
+            return _sync_ddp(tensor, group=group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+        with named_failures("all-gather a tensor", group, timeout=self._timeout):
+            return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
 
-def _destroy_process_group() -> None:
+
+def _release_at_exit(strategy_ref: "weakref.ref[PPStrategy]") -> None:
+    """Destroys the process groups at exit, while the interpreter can still run their threads.
+
+    NOTE: a gloo worker thread deletes a finished collective when it holds the last
+    reference to it, or when it deletes a barrier that held a weak one (a barrier
+    snapshots the collectives still in flight). Deleting it frees tensors created in
+    Python, which takes the GIL; a thread that asks for the GIL once the interpreter
+    is finalizing is ended by ``pthread_exit``, whose unwinding through the noexcept
+    ``~AsyncWork`` calls ``std::terminate``: "terminate called without an active
+    exception", SIGABRT. ``trainer.save_checkpoint`` (a broadcast, at once Lightning's
+    barrier, then exit) hit it about one run in seven under CPU load.
+    ``destroy_process_group`` alone keeps every group this strategy references alive,
+    worker threads included; once the last reference is gone, ``~ProcessGroupGloo``
+    joins them with the GIL released, so a pending deletion finishes here.
+    """
+    strategy = strategy_ref()
+    if strategy is not None:
+        strategy._release_process_groups()
+        del strategy
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -25,6 +25,7 @@ from lightning_pp.checkpoint import (
     remove_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_pp.collective_errors import named_failures
 
 __all__ = ["CheckpointMixin"]
 
@@ -64,7 +65,8 @@ class CheckpointMixin:
             raise TypeError(
                 "PPStrategy writes sharded checkpoints with torch.distributed.checkpoint and takes no storage_options."
             )
-        path = self.broadcast(str(filepath))
+        with named_failures("agree on the checkpoint path with every rank (checkpoint save)"):
+            path = self.broadcast(str(filepath))
         group_names = self._param_group_names() if "optimizer_states" in checkpoint else []
         save_sharded_checkpoint(
             path,
@@ -76,7 +78,8 @@ class CheckpointMixin:
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Reads this rank's stages from a PPStrategy checkpoint (any split) or a one-device checkpoint file."""
-        path = self.broadcast(str(checkpoint_path))
+        with named_failures("agree on the checkpoint path with every rank (checkpoint load)"):
+            path = self.broadcast(str(checkpoint_path))
         module = self.lightning_module
         names = self._param_names()
         local_names = [[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]

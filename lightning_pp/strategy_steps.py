@@ -32,6 +32,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_pp.collective_errors import named_failures
 from lightning_pp.engine import PipelineExecutor
 from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sum_over_group
 from lightning_pp.microbatch import batch_rows, split_microbatches
@@ -125,7 +126,10 @@ class StepsMixin:
         if self.pp_size > 1:
             holder = [payload]
             group = self._pp_cpu_group or self._pp_group
-            dist.broadcast_object_list(holder, src=dist.get_global_rank(group, self.pp_size - 1), group=group)
+            with named_failures(
+                "share the loss and logged values of the last stage over the pipeline", group, timeout=self._timeout
+            ):
+                dist.broadcast_object_list(holder, src=dist.get_global_rank(group, self.pp_size - 1), group=group)
             payload = holder[0]
         output, logs = _to_device(payload, self.root_device)
         for name, (value, log_kwargs) in logs.items():
@@ -180,7 +184,12 @@ class StepsMixin:
         finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
         if self.dp_size > 1:
             # Every replica must stop together, or the healthy ones wait forever.
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)
+            with named_failures(
+                "agree with the other data-parallel replicas whether the loss is finite",
+                self._dp_group,
+                timeout=self._timeout,
+            ):
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)
         if not bool(finite.item()):
             raise FloatingPointError(
                 f"The training loss is not finite (this replica: {loss.item()}) at global step {trainer.global_step} "
@@ -203,7 +212,9 @@ class StepsMixin:
         if self.pp_size == 1:
             return
         values: list[Any] = [None] * self.pp_size
-        dist.all_gather_object(values, value, group=self._pp_cpu_group or self._pp_group)
+        group = self._pp_cpu_group or self._pp_group
+        with named_failures(f"compare the number of {what} with the other stages", group, timeout=self._timeout):
+            dist.all_gather_object(values, value, group=group)
         if any(v != values[0] for v in values):
             raise ValueError(
                 f"The stages of one pipeline see different numbers of {what}: {values} (by pipeline rank). Every "
@@ -220,7 +231,11 @@ class StepsMixin:
         if self._cp_partial_ids:
             assert self.topology is not None
             partial = [g for p, g in zip(params, grads) if id(p) in self._cp_partial_ids and g is not None]
-            sum_over_group(partial, self.topology.cp.device_group)
+            sum_over_group(
+                partial,
+                self.topology.cp.device_group,
+                operation="sum the attention gradients over the context-parallel group",
+            )
         return reduce_stage_gradients(
             params,
             grads,

@@ -120,6 +120,36 @@ def test_ctrl_c_on_the_launcher_stops_every_rank_even_while_one_is_stuck(tmp_pat
     assert not _wait_until_gone(pids), "a rank outlived Ctrl-C"
 
 
+def test_a_replica_lost_inside_a_checkpoint_save_is_named(tmp_path):
+    # dp=2 x pp=1: rank 1 dies just before trainer.save_checkpoint; rank 0 meets the loss in
+    # one of the save's collectives (which one depends on how far its sends get).
+    job = _start(tmp_path, "--pp", "1", "--save", str(tmp_path / "last.ckpt"), "--fault", "kill", "--fault-at", "save")
+    code, seconds, log = _finish(job, tmp_path, limit=120)
+    assert code != 0
+    assert "injecting kill on global rank 1 before saving a checkpoint" in log
+    message = next((line for line in log.splitlines() if "CollectiveError:" in line), None)
+    assert message is not None, log[-3000:]
+    assert "Global rank 0 could not" in message, message
+    assert "a collective over global ranks [0, 1]): lost the connection" in message, message
+    # The save is named, in the message or in the note of the call site around it.
+    assert "checkpoint" in log[log.index(message):], log[-3000:]
+    assert not (tmp_path / "last.ckpt").exists(), "a save that failed must not leave a checkpoint"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".last.ckpt")], "staging left behind"
+
+
+def test_a_replica_lost_before_the_gradient_all_reduce_is_named(tmp_path):
+    # dp=2 x pp=1: no transfers between stages, so rank 0 meets rank 1's death in a collective
+    # over the replicas (the finite-loss check or the gradient all-reduce).
+    job = _start(tmp_path, "--pp", "1", "--fault", "kill", "--fault-rank", "1", "--fault-step", "1")
+    code, seconds, log = _finish(job, tmp_path, limit=120)
+    assert code != 0
+    assert "injecting kill on global rank 1 at step 1" in log
+    message = next((line for line in log.splitlines() if "CollectiveError:" in line), None)
+    assert message is not None, log[-3000:]
+    assert "Global rank 0 could not" in message and "data-parallel replicas" in message, message
+    assert "a collective over global ranks [0, 1]): lost the connection" in message, message
+
+
 def _silent_peer(rank, world_size):
     from lightning_pp.p2p import PipeComm, PipeCommError
 
