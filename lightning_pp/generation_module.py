@@ -29,9 +29,8 @@ one device returns.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -193,9 +192,6 @@ class GenerationModule(L.LightningModule):
         attention-DP and tensor-parallel rank.
         """
         stage = stage or StageContext(device=self.device)
-        topology, mode = self._topology()
-        if topology is not None and mode == "data" and stage.attn_dp_group is None:
-            stage = dataclasses.replace(stage, attn_dp_group=topology.cp, attn_tp_size=topology.tp.size)
         parts = self._parts(stage)
         generator = PipelineGenerator(
             parts,
@@ -214,6 +210,7 @@ class GenerationModule(L.LightningModule):
             if outputs is not None:  # first stage: attention-DP rank 0 gets the whole batch
                 outputs = gather_shared_outputs(outputs, dp)
         self.num_idle_forwards += generator.num_idle_forwards
+        topology, _ = self._topology()
         if topology is not None and topology.coords.tp != 0:
             return None  # tensor-parallel peers hold copies of rank 0's outputs
         return outputs

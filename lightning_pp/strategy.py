@@ -21,7 +21,7 @@ import atexit
 import gc
 import weakref
 from datetime import timedelta
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -42,7 +42,7 @@ from lightning_pp.balance import balance_by_time, profile_layer_times
 from lightning_pp.collective_errors import named_failures
 from lightning_pp.gradients import sync_found_inf
 from lightning_pp.interrupts import install_interrupt_escalation
-from lightning_pp.model_parallel import cp_partial_parameter_ids, pre_initialize_stage_fusion
+from lightning_pp.model_parallel import counts_once, cp_partial_parameter_ids, pre_initialize_stage_fusion
 from lightning_pp.p2p import PipeComm, Transport
 from lightning_pp.pipeline_module import (
     PipelinedSequential,
@@ -206,6 +206,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         #: Whether each fused all-reduce of this stage uses FlashInfer's kernel (filled during setup).
         self.allreduce_fusion: dict[str, bool] = {}
         self._cp_partial_ids: frozenset[int] = frozenset()
+        self._counted_in_norm: Optional[Callable[[Tensor], bool]] = None
         self._replica_group: Optional[dist.ProcessGroup] = None
         self._pp_group: Optional[dist.ProcessGroup] = None
         self._pp_cpu_group: Optional[dist.ProcessGroup] = None
@@ -352,6 +353,13 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         # Parameters outside the Sequential are copies held by every stage.
         self._pipelined_param_ids = frozenset(id(p) for p in self._pipelined.parameters())
         self._cp_partial_ids = cp_partial_parameter_ids(self._pipelined) if self.cp_size > 1 else frozenset()
+        # Parameters outside the Sequential are copies on every stage, and tensor-parallel
+        # stages hold copies and shards: each distinct tensor counts once in a global norm.
+        pipelined_ids = self._pipelined_param_ids
+        assert self.topology is not None
+        self._counted_in_norm = counts_once(
+            self._pipelined, self.topology, replicated_over_pipeline=lambda p: id(p) not in pipelined_ids
+        )
         if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
             raise ValueError(
                 "attention_data_parallel_size is for inference (predict, generation): its ranks hold different "

@@ -50,7 +50,9 @@ class PredictMixin:
         """This rank's place in the pipeline, for modules that drive their own pipeline loop."""
         from lightning_pp.generation import StageContext
 
-        assert self._comm is not None
+        assert self._comm is not None and self.topology is not None
+        # With data-parallel attention the cp ranks of a stage run separate sequences.
+        data_parallel_attention = self.attention_mode == "data" and self.topology.cp.size > 1
         return StageContext(
             pp_rank=self.pp_rank,
             pp_size=self.pp_size,
@@ -59,6 +61,8 @@ class PredictMixin:
             platform=platform_for(self.root_device),
             control_group=self._pp_cpu_group if self._pp_cpu_group is not None else self._pp_group,
             first_stage_rank=self._comm.global_rank(0),
+            attn_dp_group=self.topology.cp if data_parallel_attention else None,
+            attn_tp_size=self.topology.tp.size,
         )
 
     # -- streaming predict ------------------------------------------------------------------

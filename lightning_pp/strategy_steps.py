@@ -36,7 +36,6 @@ from lightning_pp.collective_errors import named_failures
 from lightning_pp.engine import PipelineExecutor
 from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sum_over_group
 from lightning_pp.microbatch import batch_rows, split_microbatches
-from lightning_pp.model_parallel import counts_once
 from lightning_pp.schedules import Schedule, build_schedule
 from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
 from lightning_pp.trace import TraceRecorder
@@ -272,18 +271,11 @@ class StepsMixin:
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the norm taken over every stage's gradients."""
-        assert self.topology is not None and self._pipelined is not None
-        # Parameters outside the Sequential are copies on every stage, and tensor-parallel
-        # stages hold copies and shards: each distinct tensor counts once.
-        counted = counts_once(
-            self._pipelined,
-            self.topology,
-            replicated_over_pipeline=lambda p: id(p) not in self._pipelined_param_ids,
-        )
+        assert self._counted_in_norm is not None
         clip_grad_norm_across_stages(
             optimizer.param_groups,
             clip_val,
-            counted=counted,
+            counted=self._counted_in_norm,
             group=self._replica_group,
             device=self.root_device,
         )
