@@ -3,7 +3,7 @@
 Eight layers with the same number of parameters, but layer cost (simulated: forward
 and backward sleep) rising from 1 to 8 units. A parameter-count split cuts the model
 in the middle, leaving the second stage with 26 of the 36 units; profiling each layer
-(`lightning_pp.balance.profile_layer_times`) and balancing the measured times puts the
+(`lightning_pp.pipeline.balance.profile_layer_times`) and balancing the measured times puts the
 cut near 18 | 18. Both splits run the same 1F1B schedule (pp=2, m=8) through the
 engine; the script prints both splits and step times.
 
@@ -19,14 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench_schedules import ROWS, SleepLayer
-from lightning_pp.balance import balance_by_time, profile_layer_times
+from lightning_pp.distributed.p2p import PipeComm
+from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
+from lightning_pp.pipeline.executor import PipelineExecutor
+from lightning_pp.pipeline.schedules import build_schedule
+from lightning_pp.pipeline.split import plan_stage_split
+from lightning_pp.pipeline.stage import layer_weights
+
 from _ranks import on_ranks
-from lightning_pp.engine import PipelineExecutor
-from lightning_pp.p2p import PipeComm
-from lightning_pp.pipeline_module import layer_weights
-from lightning_pp.schedules import build_schedule
-from lightning_pp.split import plan_stage_split
+from bench_schedules import ROWS, SleepLayer
 
 COSTS = [1, 2, 3, 4, 5, 6, 7, 8]
 

@@ -5,7 +5,7 @@
 
 *Unfused* is what a model does without the fusion: ``all_reduce`` the row-parallel
 output, add the residual, then a separate RMSNorm module (fp32 statistics, the
-usual Llama implementation). *Fused* is ``lightning_pp.comm.allreduce_add_rmsnorm``.
+usual Llama implementation). *Fused* is ``lightning_pp.parallel.allreduce_add_rmsnorm``.
 On CPU (and on any device without FlashInfer) the fused call is the exact
 fallback, the same work in a slightly different order, so expect a ratio near 1:
 the number is printed as measured. On CUDA with flashinfer-python and 2+ GPUs the
@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_pp.comm import (
+from lightning_pp.distributed.topology import ParallelGroup
+from lightning_pp.parallel import (
     allreduce_add_rmsnorm,
     destroy_allreduce_fusion_workspaces,
     pre_initialize_allreduce_fusion,
 )
 from lightning_pp.platform import current_platform, distributed_backend_for
-from lightning_pp.topology import ParallelGroup
 
 
 def unfused(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, group, eps: float = 1e-6) -> tuple:
@@ -74,8 +74,10 @@ def _worker(rank: int, world_size: int, init_file: str, args: argparse.Namespace
             residual = torch.randn(num_tokens, args.hidden, generator=gen).to(device=device, dtype=dtype)
             weight = torch.ones(args.hidden, dtype=dtype, device=device)
             fns = {
-                "unfused": lambda: unfused(x, residual, weight, dist.group.WORLD),
-                "fused": lambda: allreduce_add_rmsnorm(x, residual, weight, group=group),
+                "unfused": lambda x=x, residual=residual, weight=weight: unfused(x, residual, weight, dist.group.WORLD),
+                "fused": lambda x=x, residual=residual, weight=weight: allreduce_add_rmsnorm(
+                    x, residual, weight, group=group
+                ),
             }
             times = {name: [] for name in fns}
             with torch.no_grad():

@@ -25,10 +25,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_pp import PPStrategy
-from lightning_pp.chunking import ChunkPlanner
-from lightning_pp.generation import StageContext, init_chunk_planner
-from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
-from lightning_pp.kv_cache import KVCache, StepRows
+from lightning_pp.generation.chunking import ChunkPlanner
+from lightning_pp.generation.engine import StageContext, init_chunk_planner
+from lightning_pp.generation.kv_cache import KVCache, StepRows
+from lightning_pp.integration.generation_module import (
+    GenerationModule,
+    PromptDataset,
+    collate_prompts,
+)
 from lightning_pp.models.llama import DecoderConfig, DecoderLM
 
 
@@ -47,8 +51,8 @@ def throughput(devices: int) -> None:
     loader = DataLoader(PromptDataset(prompts), batch_size=16, collate_fn=collate_prompts)
     timer = _BatchTimer()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=PPStrategy() if devices > 1 else "auto",
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[timer])
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[timer])
     start = time.perf_counter()
     out = trainer.predict(model, loader)
     elapsed = time.perf_counter() - start

@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_pp.distributed.p2p import PipeComm
+from lightning_pp.pipeline.executor import PipelineExecutor
+from lightning_pp.pipeline.schedules import build_schedule
+
 from _ranks import on_ranks
-from lightning_pp.engine import PipelineExecutor
-from lightning_pp.p2p import PipeComm
-from lightning_pp.schedules import build_schedule
 
 ROWS = 16
 
@@ -64,7 +65,7 @@ def _rank(rank, world, args):
         batch = torch.randn(ROWS, 8)
         micro = list(torch.tensor_split(batch, args.m))
 
-        def step_fn(k, call):
+        def step_fn(k, call, micro=micro):
             return call(micro[k]).sum()
 
         def loss_fn(k, out):

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_pp import PPStrategy
-from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
+from lightning_pp.integration import GenerationModule, PromptDataset, collate_prompts
 from lightning_pp.models.llama import DecoderConfig, DecoderLM
 
 EOS = 256
@@ -74,7 +74,9 @@ def main() -> None:
         lm, max_new_tokens=args.max_new_tokens, eos_token_ids=(EOS,), num_microbatches=max(num_stages, 2),
         prefill_chunk=args.prefill_chunk,
     )
-    loader = DataLoader(PromptDataset([encode(p) for p in prompts]), batch_size=args.batch_size, collate_fn=collate_prompts)
+    loader = DataLoader(
+        PromptDataset([encode(p) for p in prompts]), batch_size=args.batch_size, collate_fn=collate_prompts
+    )
     strategy = (
         PPStrategy(pipeline_parallel_size=num_stages, attention_data_parallel_size=args.attention_dp)
         if args.devices > 1

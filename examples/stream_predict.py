@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pp import PPStrategy
-from lightning_pp.writer import StreamingPredictionWriter, read_predictions
+from lightning_pp.integration import StreamingPredictionWriter, read_predictions
 
 HERE = Path(__file__).resolve().parent
 VOCAB, DIM, SEQ = 50, 32, 12

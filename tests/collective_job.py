@@ -2,7 +2,7 @@
 
 Usage: ``python collective_job.py RANK WORLD STORE SCENARIO OUT``.
 
-``tests/test_collective_errors.py`` starts every rank as its own process (a rank
+``tests/distributed/test_errors.py`` starts every rank as its own process (a rank
 that dies must not take the test's harness with it) and reads what the survivors
 saw from ``OUT/rank<N>.json``.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from lightning_pp.collective_errors import CollectiveError, named_failures  # noqa: E402
+from lightning_pp.distributed.errors import CollectiveError, named_failures  # noqa: E402
 from lightning_pp.platform import distributed_backend_for  # noqa: E402
 
 TIMEOUT = timedelta(seconds=2)

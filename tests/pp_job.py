@@ -40,7 +40,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from models import LitLM, make_loader, trainer_kwargs  # noqa: E402
+from lit_models import LitLM, make_loader, trainer_kwargs  # noqa: E402
 
 
 class Report(L.Callback):

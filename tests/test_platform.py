@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakes import FakeDeviceModule
 from lightning_pp import platform as platform_mod
 from lightning_pp.platform import (
     CPUEvent,
@@ -17,6 +16,8 @@ from lightning_pp.platform import (
     platform_for,
     use_platform,
 )
+
+from fakes import FakeDeviceModule
 
 PACKAGE = Path(platform_mod.__file__).parent
 

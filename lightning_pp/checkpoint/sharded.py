@@ -39,9 +39,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
 
-from lightning_pp.collective_errors import named_failures
+from lightning_pp.distributed.errors import named_failures
+from lightning_pp.distributed.objects import barrier, broadcast_object
 
 __all__ = [
     "META_FILENAME",
@@ -156,7 +161,7 @@ def indexed_to_named_optimizer_state(
 
 def _named_to_indexed(named: Mapping[str, Any], group_names: Sequence[Sequence[str]]) -> dict[str, Any]:
     """The one-device ``optimizer.state_dict()`` for parameters ordered as ``group_names``."""
-    index = {}
+    index: dict[str, int] = {}
     groups = []
     for saved, names in zip(named["param_groups"], group_names):
         params = []
@@ -261,8 +266,11 @@ def save_sharded_checkpoint(
     """
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    nonce = _broadcast_str(
-        uuid.uuid4().hex[:12] if rank == 0 else "", process_group, f"agree on a staging directory for checkpoint {path}"
+    nonce = broadcast_object(
+        uuid.uuid4().hex[:12] if rank == 0 else "",
+        src=_first_rank(process_group),
+        group=process_group,
+        operation=f"agree on a staging directory for checkpoint {path}",
     )
     staging = path.parent / f".{path.name}.partial-{nonce}"
     flat: dict[str, Any] = {_MODEL + k: v for k, v in checkpoint["state_dict"].items()}
@@ -288,7 +296,7 @@ def save_sharded_checkpoint(
         if rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             staging.mkdir()
-        _barrier(process_group, f"wait for rank 0 to create the staging directory of checkpoint {path}")
+        barrier(process_group, operation=f"wait for rank 0 to create the staging directory of checkpoint {path}")
         try:
             with named_failures(f"write checkpoint {path} (torch.distributed.checkpoint)", process_group):
                 dcp.save(flat, checkpoint_id=staging, process_group=process_group, no_dist=not dist.is_initialized())
@@ -308,10 +316,11 @@ def save_sharded_checkpoint(
             except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
                 failure = error
         # Every rank learns the outcome: a rank left in a barrier would wait out the timeout.
-        outcome = _broadcast_str(
+        outcome = broadcast_object(
             f"{type(failure).__name__}: {failure}" if failure else "",
-            process_group,
-            f"learn from rank 0 whether checkpoint {path} was committed",
+            src=_first_rank(process_group),
+            group=process_group,
+            operation=f"learn from rank 0 whether checkpoint {path} was committed",
         )
         if failure is not None:
             raise failure
@@ -388,7 +397,8 @@ def resolve_checkpoint_dir(path: PathLike) -> Path:
     aside = [p for p in aside if is_sharded_checkpoint(p)]
     if aside:
         warnings.warn(
-            f"{path} is missing: a save was interrupted while replacing it. Loading the previous one, {aside[-1]}."
+            f"{path} is missing: a save was interrupted while replacing it. Loading the previous one, {aside[-1]}.",
+            stacklevel=2,
         )
         return aside[-1]
     raise FileNotFoundError(f"No checkpoint at {path}.")
@@ -521,16 +531,6 @@ def consolidate_checkpoint(path: PathLike, output_path: Optional[PathLike] = Non
 
 
 # -- small collectives ------------------------------------------------------------------------
-def _broadcast_str(value: str, group: Optional[dist.ProcessGroup], operation: str) -> str:
-    if not dist.is_initialized():
-        return value
-    holder = [value]
-    with named_failures(operation, group):
-        dist.broadcast_object_list(holder, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-    return holder[0]
-
-
-def _barrier(group: Optional[dist.ProcessGroup], operation: str) -> None:
-    if dist.is_initialized():
-        with named_failures(operation, group):
-            dist.barrier(group=group)
+def _first_rank(group: Optional[dist.ProcessGroup]) -> int:
+    """The global rank of ``group``'s rank 0 (the world's when ``None``)."""
+    return 0 if group is None or not dist.is_initialized() else dist.get_global_rank(group, 0)

@@ -20,7 +20,7 @@ gradients, so each rank just keeps its own rows; a consumer whose output stays
 per-rank (context-parallel attention reading all keys for its own queries) sends
 back partial gradients, which must be summed first.
 
-Every function takes a :class:`~lightning_pp.topology.ParallelGroup` (or a plain
+Every function takes a :class:`~lightning_pp.distributed.topology.ParallelGroup` (or a plain
 ``ProcessGroup``); a group of one issues no collective at all.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from lightning_pp.topology import ParallelGroup
+from lightning_pp.distributed.topology import ParallelGroup
 
 __all__ = [
     "GroupLike",
@@ -56,7 +56,7 @@ def device_group_of(group: GroupLike) -> Optional[Any]:
             # Passing None on would silently reduce over the whole world.
             raise ValueError(
                 f"group {group.name!r} {group.ranks} has no device group: build it with "
-                "lightning_pp.topology.build_topology, or pass device_group= explicitly."
+                "lightning_pp.distributed.topology.build_topology, or pass device_group= explicitly."
             )
         return group.device_group
     return group

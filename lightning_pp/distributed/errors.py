@@ -1,4 +1,4 @@
-"""Errors that say which collective failed, on which rank, over which ranks, and why.
+"""Errors that say which transfer or collective failed, on which rank, with whom, and why.
 
 A rank lost inside a collective (a barrier, a broadcast of Python objects, the
 gradient all-reduce over data-parallel replicas, the loss broadcast over the
@@ -16,10 +16,11 @@ which names no rank, no operation and no group. Wrapping the call site in
     (a collective over global ranks [0, 2]): lost the connection: a rank of that group died or closed its
     connection (gloo: Connection closed by peer [127.0.0.1]:40123). ...
 
-A collective cannot name *the* peer the way a point-to-point transfer does
-(:class:`lightning_pp.p2p.PipeCommError`): any rank of the group may be the one that
-died or stalled, and the backend does not say which. The message lists the group's
-global ranks and says how to find it.
+A point-to-point transfer fails as a :class:`PipeCommError` naming its peer. A
+collective cannot name *the* peer: any rank of the group may be the one that died or
+stalled, and the backend does not say which, so the message lists the group's global
+ranks and says how to find it. Both classify the backend's text the same way
+(:func:`describe_failure`).
 
 Nothing here imports Lightning or names a device: it takes a process group.
 """
@@ -33,14 +34,38 @@ from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
-from lightning_pp.p2p import PipeCommError
-
-__all__ = ["CollectiveError", "describe_collective_failure", "group_global_ranks", "named_failures"]
+__all__ = [
+    "CollectiveError",
+    "PayloadError",
+    "PipeCommError",
+    "describe_collective_failure",
+    "describe_failure",
+    "group_global_ranks",
+    "named_failures",
+]
 
 #: gloo: "Timed out waiting 10000ms for recv operation to complete".
 _GLOO_WAITED = re.compile(r"waiting (\d+)\s*ms", re.IGNORECASE)
 #: The source location gloo puts first: "[/path/to/gloo/transport/tcp/pair.cc:537] ".
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*:\d+\]\s*")
+
+
+class PayloadError(TypeError):
+    """A stage produced something that cannot be sent to the next stage."""
+
+
+class PipeCommError(RuntimeError):
+    """A point-to-point transfer failed: the peer stalled past the timeout, or died.
+
+    Attributes:
+        rank: this process's global rank.
+        peer: the peer's global rank.
+        operation: ``"send"`` or ``"receive"``, and what was being moved.
+    """
+
+    def __init__(self, message: str, *, rank: int, peer: int, operation: str) -> None:
+        super().__init__(message)
+        self.rank, self.peer, self.operation = rank, peer, operation
 
 
 class CollectiveError(RuntimeError):
@@ -98,6 +123,44 @@ def _waited(timeout: Optional[timedelta], text: str) -> str:
     return "the process group's timeout"
 
 
+def describe_failure(
+    error: BaseException, *, who: str, waiting_for: str, timeout: Optional[timedelta] = None
+) -> tuple[str, str]:
+    """Classifies a backend error and says what it means: ``(cause, kind)``.
+
+    Args:
+        error: what the backend raised.
+        who: the rank(s) at the other end, as the subject of a sentence
+            ("pipeline rank 1 (global rank 3)", "a rank of that group").
+        waiting_for: what that side has not reached ("the matching receive", "this collective").
+        timeout: the deadline that applied, for the message (default: read from the
+            backend's own message when it says how long it waited).
+
+    Returns:
+        The cause as a phrase, and its kind: ``"timeout"``, ``"lost"`` (a connection
+        closed) or ``"failed"`` (anything else).
+    """
+    text = str(error)
+    first = _backend_line(text) or type(error).__name__
+    kind = _failure_kind(text)
+    if kind == "timeout":
+        cause = (
+            f"timed out after {_waited(timeout, text)} ({first}): {who} is alive but has not reached "
+            f"{waiting_for}: stalled, far behind, or on another code path (a different number of batches, an "
+            "exception caught on one rank only). Find what it is doing (py-spy dump --pid <pid>), or raise "
+            "PPStrategy(timeout=...) if its work is legitimately slow"
+        )
+    elif kind == "lost":
+        cause = (
+            f"lost the connection: {who} died or closed its connection ({first}). Its own log says "
+            "why: look for the rank whose log stops first (a rank killed for memory leaves no traceback: check "
+            "dmesg or the scheduler's log)"
+        )
+    else:
+        cause = f"failed ({first})"
+    return cause, kind
+
+
 def describe_collective_failure(
     error: BaseException,
     operation: str,
@@ -107,27 +170,9 @@ def describe_collective_failure(
     timeout: Optional[timedelta] = None,
 ) -> tuple[str, str]:
     """The message for a collective that raised ``error``, and its cause (see :class:`CollectiveError`)."""
-    text = str(error)
-    first = _backend_line(text) or type(error).__name__
-    kind = _failure_kind(text)
     ranks = f"global ranks {list(group_ranks)}" if group_ranks else "its process group"
-    if kind == "timeout":
-        cause = (
-            f"timed out after {_waited(timeout, text)} ({first}): a rank of that group is alive but has not reached "
-            "this collective: stalled, far behind, or on another code path (a different number of batches, an "
-            "exception caught on one rank only). Find what it is doing (py-spy dump --pid <pid>), or raise "
-            "PPStrategy(timeout=...) if its work is legitimately slow"
-        )
-    elif kind == "lost":
-        cause = (
-            f"lost the connection: a rank of that group died or closed its connection ({first}). Its own log says "
-            "why: look for the rank whose log stops first (a rank killed for memory leaves no traceback: check "
-            "dmesg or the scheduler's log)"
-        )
-    else:
-        cause = f"failed ({first})"
-    message = f"Global rank {rank} could not {operation} (a collective over {ranks}): {cause}."
-    return message, kind
+    cause, kind = describe_failure(error, who="a rank of that group", waiting_for="this collective", timeout=timeout)
+    return f"Global rank {rank} could not {operation} (a collective over {ranks}): {cause}.", kind
 
 
 @contextmanager
@@ -145,7 +190,7 @@ def named_failures(
             backend's own message when it says how long it waited).
 
     Errors that already name their operation (:class:`CollectiveError`, and
-    :class:`lightning_pp.p2p.PipeCommError` from a transfer inside) keep their
+    :class:`PipeCommError` from a transfer inside) keep their
     message, so call sites can nest; the outer ``operation`` is added as a note
     ("while trying to ...") that the traceback shows under it.
     """

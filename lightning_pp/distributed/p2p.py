@@ -24,7 +24,7 @@ The receiver unpacks a flat buffer into disjoint views, each a leaf of its own
 Every operation here is *blocking*. That is deliberate: the schedule that drives
 this module is proven deadlock-free under the strictest model, in which a send
 does not return until the peer has posted the matching receive (Intel XCCL
-behaves so; see ``lightning_pp.schedules``). Code that is safe under that model
+behaves so; see ``lightning_pp.pipeline.schedules``). Code that is safe under that model
 is safe under every weaker one.
 
 Each transfer has a deadline (``timeout``): a peer that stalls, or dies, surfaces
@@ -36,15 +36,21 @@ from __future__ import annotations
 
 import math
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
+from lightning_pp.distributed.errors import (
+    PayloadError,
+    PipeCommError,
+    describe_failure,
+)
 from lightning_pp.platform import Platform, current_platform
+from lightning_pp.tree import TreeSpec, leaf_paths, tree_flatten, tree_unflatten
 
 __all__ = [
     "PayloadError",
@@ -55,24 +61,6 @@ __all__ = [
     "flatten_payload",
     "unflatten_payload",
 ]
-
-
-class PayloadError(TypeError):
-    """A stage produced something that cannot be sent to the next stage."""
-
-
-class PipeCommError(RuntimeError):
-    """A point-to-point transfer failed: the peer stalled past the timeout, or died.
-
-    Attributes:
-        rank: this process's global rank.
-        peer: the peer's global rank.
-        operation: ``"send"`` or ``"receive"``, and what was being moved.
-    """
-
-    def __init__(self, message: str, *, rank: int, peer: int, operation: str) -> None:
-        super().__init__(message)
-        self.rank, self.peer, self.operation = rank, peer, operation
 
 
 class Transport(Protocol):
@@ -117,40 +105,26 @@ class _Leaf:
     requires_grad: bool
 
 
-def flatten_payload(payload: Any, *, where: str = "stage output") -> tuple[Any, list[Optional[torch.Tensor]]]:
+def flatten_payload(payload: Any, *, where: str = "stage output") -> tuple[TreeSpec, list[Optional[torch.Tensor]]]:
     """Splits a payload into a picklable structure and its tensors (``None`` leaves allowed).
 
     Raises:
         PayloadError: a leaf is neither a tensor nor ``None``.
     """
-    tensors: list[Optional[torch.Tensor]] = []
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, torch.Tensor) or node is None:
-            tensors.append(node)
-            return ("leaf", len(tensors) - 1)
-        if isinstance(node, (tuple, list)):
-            return (type(node).__name__, [walk(item, f"{path}[{i}]") for i, item in enumerate(node)])
-        if isinstance(node, dict):
-            return ("dict", [(key, walk(value, f"{path}[{key!r}]")) for key, value in node.items()])
-        raise PayloadError(
-            f"{where} contains {type(node).__name__} at {path or 'the top level'}; pipeline stages may only pass "
-            "tensors, or tuples, lists and dicts of tensors, to the next stage. Move other values into the "
-            "tensors (e.g. torch.tensor(value)) or compute them outside the pipelined nn.Sequential."
-        )
-
-    return walk(payload, ""), tensors
+    structure, leaves = tree_flatten(payload)
+    for i, leaf in enumerate(leaves):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            path = leaf_paths(payload)[i]
+            raise PayloadError(
+                f"{where} contains {type(leaf).__name__} at {path or 'the top level'}; pipeline stages may only pass "
+                "tensors, or tuples, lists and dicts of tensors, to the next stage. Move other values into the "
+                "tensors (e.g. torch.tensor(value)) or compute them outside the pipelined nn.Sequential."
+            )
+    return structure, leaves
 
 
-def unflatten_payload(structure: Any, tensors: list[Optional[torch.Tensor]]) -> Any:
-    """Inverse of :func:`flatten_payload`."""
-    kind, body = structure
-    if kind == "leaf":
-        return tensors[body]
-    if kind == "dict":
-        return {key: unflatten_payload(value, tensors) for key, value in body}
-    items = [unflatten_payload(item, tensors) for item in body]
-    return tuple(items) if kind == "tuple" else items
+#: Inverse of :func:`flatten_payload`.
+unflatten_payload = tree_unflatten
 
 
 class PipeComm:
@@ -210,9 +184,9 @@ class PipeComm:
                 self._sent_layout[dst] = layout
             for bucket in _dtype_buckets(leaves):
                 if len(bucket) == 1:
-                    self.transport.send(tensors[bucket[0]].detach().contiguous(), dst, self.group)
+                    self.transport.send(_bucketed_tensor(tensors, bucket[0]).detach().contiguous(), dst, self.group)
                 else:
-                    flat = torch.cat([tensors[i].detach().reshape(-1) for i in bucket])
+                    flat = torch.cat([_bucketed_tensor(tensors, i).detach().reshape(-1) for i in bucket])
                     self.transport.send(flat, dst, self.group)
 
     def recv(self, src_pp_rank: int, *, what: str = "a payload") -> Any:
@@ -231,7 +205,9 @@ class PipeComm:
         size = int(header.item())
         if size == _SAME_LAYOUT:
             if src not in self._received_layout:
-                raise RuntimeError(f"global rank {src} repeated a layout it never sent (sender and receiver out of step).")
+                raise RuntimeError(
+                    f"global rank {src} repeated a layout it never sent (sender and receiver out of step)."
+                )
             structure, leaves = self._received_layout[src]
         else:
             meta = torch.empty(size, dtype=torch.uint8, device=self._meta_device)
@@ -268,20 +244,12 @@ class PipeComm:
                 raise
             me = dist.get_rank() if dist.is_initialized() else 0
             my_pp_rank = dist.get_rank(self.group) if self.group is not None else 0
-            text = str(error)
-            if "timed out" in text.lower() or "timeout" in text.lower():
-                cause = (
-                    f"timed out after {_seconds(self.timeout)}: pipeline rank {peer_pp_rank} "
-                    f"(global rank {peer}) is alive but stalled, or far behind. Find what it is doing (py-spy dump "
-                    "--pid ...), or raise PPStrategy(timeout=...) if its step is legitimately slow"
-                )
-            elif "closed" in text.lower() or "reset" in text.lower() or "broken pipe" in text.lower():
-                cause = (
-                    f"lost the connection: pipeline rank {peer_pp_rank} (global rank {peer}) died or closed its "
-                    "connection; its own log says why"
-                )
-            else:
-                cause = f"failed ({text.splitlines()[0] if text else type(error).__name__})"
+            cause, _ = describe_failure(
+                error,
+                who=f"pipeline rank {peer_pp_rank} (global rank {peer})",
+                waiting_for=f"the matching {'receive' if verb == 'send' else 'send'}",
+                timeout=self.timeout,
+            )
             operation = f"{verb} {what}"
             raise PipeCommError(
                 f"Pipeline rank {my_pp_rank} (global rank {me}) could not {operation} {preposition} pipeline rank "
@@ -307,5 +275,10 @@ def _dtype_buckets(leaves: list[Optional[_Leaf]]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def _seconds(timeout: Optional[timedelta]) -> str:
-    return f"{timeout.total_seconds():g}s" if timeout is not None else "the process group's timeout"
+def _bucketed_tensor(tensors: list[Optional[torch.Tensor]], i: int) -> torch.Tensor:
+    """``tensors[i]``, an index from :func:`_dtype_buckets`, which lists only present tensors."""
+    tensor = tensors[i]
+    if tensor is None:
+        raise RuntimeError(f"payload leaf {i} is None but was bucketed as a tensor to send.")
+    return tensor
+

@@ -133,7 +133,11 @@ def plan_chunks(
         raise ValueError(f"first_chunk must be positive, got {first_chunk}.")
     chunks, prefix = [], 0
     while prefix < prompt_len:
-        n = first_chunk if model is None or prefix == 0 else _equal_time_chunk(model, prefix, first_chunk, align, min_chunk)
+        n = (
+            first_chunk
+            if model is None or prefix == 0
+            else _equal_time_chunk(model, prefix, first_chunk, align, min_chunk)
+        )
         n = min(n, prompt_len - prefix)
         chunks.append(n)
         prefix += n
@@ -233,6 +237,9 @@ def share_latency_model(
     dist.broadcast(ok, src=src, group=group)
     if not int(ok.item()):
         return None
-    coeffs = torch.tensor([model.a, model.b, model.c] if model is not None and dist.get_rank() == src else [0.0] * 3, dtype=torch.float64)
+    coeffs = torch.tensor(
+        [model.a, model.b, model.c] if model is not None and dist.get_rank() == src else [0.0] * 3,
+        dtype=torch.float64,
+    )
     dist.broadcast(coeffs, src=src, group=group)
     return LatencyModel(*coeffs.tolist())

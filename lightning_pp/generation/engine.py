@@ -4,7 +4,7 @@ The sequences of a batch are dealt into ``M`` *slots* (microbatches); each
 forward of a slot advances all of its live sequences by one step: a prefill
 chunk of a prompt, or one decode token. Forwards are numbered as one stream
 ``g = 0, 1, 2, ...`` with ``g = step * M + slot`` and run on a
-:class:`~lightning_pp.inference.StreamingPipeline`: stage ``s`` forwards ``g``
+:class:`~lightning_pp.pipeline.streaming.StreamingPipeline`: stage ``s`` forwards ``g``
 at tick ``g + s``, and the sampled tokens of ``g`` go from the last stage back
 to the first over the same parity-ordered ring exchange as streaming predict.
 Three stages, three slots (``a b c``), step numbers below::
@@ -31,11 +31,11 @@ profiler goes through it too.
 
 Data-parallel attention (``StageContext.attn_dp_group`` of ``C > 1`` ranks, the
 mesh's ``cp`` axis): ``C`` pipelines run side by side, each on its own share of
-the prompts (:func:`~lightning_pp.dp_attention.share_prompts`), and the layers of a stage gather the rows of
+the prompts (:func:`~lightning_pp.parallel.dp_attention.share_prompts`), and the layers of a stage gather the rows of
 all ``C`` for their MLP. So forward ``g`` of a stage must run on all ``C`` ranks
 of that stage, with the same existence decisions everywhere. The first stages
 decide together at launch, with one exchange of row counts
-(:func:`~lightning_pp.dp_attention.gather_batch_info`)::
+(:func:`~lightning_pp.parallel.dp_attention.gather_batch_info`)::
 
     rows of slot g % M      nobody has rows    I have none, a peer has some    I have rows
     forward g               sentinel (all C)   idle forward (zero rows)        real forward
@@ -57,7 +57,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_pp.chunking import (
+from lightning_pp.distributed.p2p import PipeComm
+from lightning_pp.distributed.topology import ParallelGroup
+from lightning_pp.generation.chunking import (
     ChunkPlanner,
     LatencyModel,
     fit_latency,
@@ -65,12 +67,10 @@ from lightning_pp.chunking import (
     profile_latency,
     share_latency_model,
 )
-from lightning_pp.dp_attention import gather_batch_info
-from lightning_pp.inference import StreamingPipeline
-from lightning_pp.kv_cache import KVCache, StepRows
-from lightning_pp.p2p import PipeComm
+from lightning_pp.generation.kv_cache import KVCache, StepRows
+from lightning_pp.parallel.dp_attention import gather_batch_info
+from lightning_pp.pipeline.streaming import StreamingPipeline
 from lightning_pp.platform import Platform, current_platform
-from lightning_pp.topology import ParallelGroup
 
 __all__ = [
     "PipelineGenerator",
@@ -176,8 +176,8 @@ class PipelineGenerator:
         self.num_slots = num_microbatches or stage.pp_size
         if self.num_slots < stage.pp_size:
             raise ValueError(
-                f"num_microbatches={self.num_slots} is fewer than the {stage.pp_size} stages: a slot's tokens would not "
-                "be back on the first stage in time for its next step. Use at least pp_size microbatches."
+                f"num_microbatches={self.num_slots} is fewer than the {stage.pp_size} stages: a slot's tokens would "
+                "not be back on the first stage in time for its next step. Use at least pp_size microbatches."
             )
         self.parts, self.stage = parts, stage
         self.platform = stage.platform or current_platform()
@@ -204,7 +204,10 @@ class PipelineGenerator:
             ``None`` on other stages.
         """
         m = self.num_slots
-        seqs = [_Sequence(i, self.platform.pin(torch.as_tensor(p, dtype=torch.long).flatten().cpu())) for i, p in enumerate(prompts)]
+        seqs = [
+            _Sequence(i, self.platform.pin(torch.as_tensor(p, dtype=torch.long).flatten().cpu()))
+            for i, p in enumerate(prompts)
+        ]
         for s in seqs:
             if s.prompt.numel() == 0:
                 raise ValueError(f"prompt {s.seq_id} is empty: every sequence needs at least one token.")
@@ -324,21 +327,32 @@ class PipelineGenerator:
         header = {k: payload[k] for k in _HEADER_KEYS}
         if sentinel:
             self._closed_at[slot] = g
-            return {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": header["seq_ids"]} if self.last else header
+            return (
+                {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": header["seq_ids"]}
+                if self.last
+                else header
+            )
         dp_rows = tuple(payload["dp_rows"].tolist()) or None
         num_new, start = tuple(payload["num_new"].tolist()), tuple(payload["start"].tolist())
         rows = StepRows(seq_ids, num_new, start, dp_num_rows=dp_rows)
         if not seq_ids:
             self.num_idle_forwards += 1
         if self.first:
-            hidden, residual = self.parts.embed(resolve_input_ids(host_ids, self.stage.device, self.platform))
+            embed = self.parts.embed
+            if embed is None:  # checked in __init__
+                raise RuntimeError("the first stage has no `embed`.")
+            hidden, residual = embed(resolve_input_ids(host_ids, self.stage.device, self.platform))
         else:
             hidden, residual = payload["hidden"], payload["residual"]
         for layer, cache in zip(self.parts.layers, self._caches):
             hidden, residual = layer(hidden, residual, rows=rows, cache=cache)
         if not self.last:
             return {**header, "hidden": hidden, "residual": residual}
-        return {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": self._sample(hidden, rows, payload["sample"])}
+        return {
+            "slot": header["slot"],
+            "seq_ids": header["seq_ids"],
+            "tokens": self._sample(hidden, rows, payload["sample"]),
+        }
 
     def _sample(self, hidden: torch.Tensor, rows: StepRows, sample: torch.Tensor) -> torch.Tensor:
         """Greedy token per sequence from its last row, ``-1`` where the rows end mid-prompt.
@@ -346,7 +360,10 @@ class PipelineGenerator:
         An idle forward has no sequences: the empty index gives no tokens.
         """
         ends = torch.tensor(rows.num_new, dtype=torch.long).cumsum(0) - 1
-        logits = self.parts.head(hidden[ends.to(hidden.device)])
+        head = self.parts.head
+        if head is None:  # checked in __init__
+            raise RuntimeError("the last stage has no `head`.")
+        logits = head(hidden[ends.to(hidden.device)])
         tokens = logits.argmax(dim=-1)
         return torch.where(sample.to(tokens.device) > 0, tokens, torch.full_like(tokens, -1))
 
@@ -372,7 +389,7 @@ def init_chunk_planner(
         first_chunk: the first chunk of every prompt, and the fixed chunk of the fallback.
         profile_sizes: chunk lengths to time (default ``first_chunk / 2`` to ``4 first_chunk``).
         profile_prefixes: cached prefixes to time them after (default ``0``,
-            ``2 first_chunk`` and ``4 first_chunk``); see :mod:`lightning_pp.chunking`.
+            ``2 first_chunk`` and ``4 first_chunk``); see :mod:`lightning_pp.generation.chunking`.
         align: chunk lengths after the first are multiples of it.
 
     With data-parallel attention the first stages of all attention-DP ranks

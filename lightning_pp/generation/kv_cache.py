@@ -1,7 +1,7 @@
 """Per-sequence key/value cache and the description of a packed forward's rows.
 
 Both the models layer (:mod:`lightning_pp.models.llama`, whose attention reads
-and extends the cache) and the generation loop (:mod:`lightning_pp.generation`,
+and extends the cache) and the generation loop (:mod:`lightning_pp.generation.engine`,
 which decides which rows a forward carries and frees finished sequences) need
 these two types. They live here, below both, so that the generation loop does
 not import the models layer: the package's layers only look down.

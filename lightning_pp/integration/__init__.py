@@ -1,5 +1,35 @@
-"""Lightning strategies shipped by lightning_pp."""
+"""Lightning glue: the only subpackage that imports ``lightning``.
 
-from lightning_pp.strategies.device_ddp import DeviceDDPStrategy, FabricDeviceDDPStrategy
+``PPStrategy`` and its hooks, the xpu/npu accelerators and device-correct DDP, the
+registration that teaches Lightning all of them (run on import), prediction writers
+and the generation LightningModule.
+"""
 
-__all__ = ["DeviceDDPStrategy", "FabricDeviceDDPStrategy"]
+from lightning_pp.integration.accelerators import (
+    DeviceAccelerator,
+    NPUAccelerator,
+    XPUAccelerator,
+)
+from lightning_pp.integration.device_ddp import (
+    DeviceDDPStrategy,
+    FabricDeviceDDPStrategy,
+)
+from lightning_pp.integration.registration import register
+from lightning_pp.integration.strategy import PPStrategy
+
+__all__ = [
+    "DeviceAccelerator",
+    "DeviceDDPStrategy",
+    "FabricDeviceDDPStrategy",
+    "GenerationModule",
+    "NPUAccelerator",
+    "PPStrategy",
+    "PromptDataset",
+    "StreamingPredictionWriter",
+    "XPUAccelerator",
+    "collate_prompts",
+    "read_predictions",
+    "register",
+]
+
+register()

@@ -1,4 +1,4 @@
-"""``PPStrategy``'s checkpoint hooks; the on-disk format lives in :mod:`lightning_pp.checkpoint`.
+"""``PPStrategy``'s checkpoint hooks; the on-disk format lives in :mod:`lightning_pp.checkpoint.sharded`.
 
 Every rank writes its own stages (``torch.distributed.checkpoint``) under the
 original parameter names, and optimizer state is keyed by parameter name, so a
@@ -14,7 +14,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from typing_extensions import override
 
-from lightning_pp.checkpoint import (
+from lightning_pp.checkpoint.sharded import (
     gather_param_group_names,
     indexed_to_named_optimizer_state,
     is_sharded_checkpoint,
@@ -25,13 +25,14 @@ from lightning_pp.checkpoint import (
     remove_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_pp.collective_errors import named_failures
+from lightning_pp.distributed.errors import named_failures
+from lightning_pp.integration.strategy_state import PipelineStrategyState
 
 __all__ = ["CheckpointMixin"]
 
 
-class CheckpointMixin:
-    """Checkpoint hooks of :class:`~lightning_pp.strategy.PPStrategy`."""
+class CheckpointMixin(PipelineStrategyState):
+    """Checkpoint hooks of :class:`~lightning_pp.integration.strategy.PPStrategy`."""
 
     @property
     @override
@@ -40,14 +41,14 @@ class CheckpointMixin:
         return True
 
     def _param_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+        return {id(p): name for name, p in self.module.named_parameters()}
 
     def _param_group_names(self) -> list[list[list[str]]]:
         """Every optimizer group's parameter names over the pipeline, in one-device order (collective)."""
         return gather_param_group_names(
             self.optimizers,
             self._param_names(),
-            param_order_key(self.lightning_module, self._pipelined_attr),
+            param_order_key(self.module, self._pipelined_attr),
             self._pp_cpu_group or self._pp_group,
         )
 
@@ -80,7 +81,7 @@ class CheckpointMixin:
         """Reads this rank's stages from a PPStrategy checkpoint (any split) or a one-device checkpoint file."""
         with named_failures("agree on the checkpoint path with every rank (checkpoint load)"):
             path = self.broadcast(str(checkpoint_path))
-        module = self.lightning_module
+        module = self.module
         names = self._param_names()
         local_names = [[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
         if os.path.isfile(path) and not is_sharded_checkpoint(path):
@@ -104,7 +105,7 @@ class CheckpointMixin:
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        module = self.lightning_module
+        module = self.module
         local = set(module.state_dict())
         # A consolidated checkpoint holds every stage: keep this rank's layers.
         module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in local}, strict=strict)

@@ -7,11 +7,11 @@
     outputs = L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy()).predict(model, loader)
 
 The decoder layers are the module's one direct ``nn.Sequential`` (``layers``), so
-:class:`~lightning_pp.strategy.PPStrategy` splits them over the pipeline ranks as
+:class:`~lightning_pp.integration.strategy.PPStrategy` splits them over the pipeline ranks as
 for any other model. Generation then does not go through the strategy's
 streaming predict: ``PPStrategy.predict_step`` sees ``drives_own_pipeline`` and
-hands this module the rank's :class:`~lightning_pp.generation.StageContext`, and
-:class:`~lightning_pp.generation.PipelineGenerator` runs the stages. On one
+hands this module the rank's :class:`~lightning_pp.generation.engine.StageContext`, and
+:class:`~lightning_pp.generation.engine.PipelineGenerator` runs the stages. On one
 device (any other strategy) the same generator runs with a single stage.
 
 Each batch is a list of 1-D token-id tensors of any lengths; the prediction of a
@@ -37,12 +37,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lightning_pp.chunking import ChunkPlanner
-from lightning_pp.dp_attention import gather_shared_outputs, share_prompts
-from lightning_pp.generation import PipelineGenerator, StageContext, StageParts, init_chunk_planner
+from lightning_pp.distributed.topology import RankTopology
+from lightning_pp.generation.chunking import ChunkPlanner
+from lightning_pp.generation.engine import (
+    PipelineGenerator,
+    StageContext,
+    StageParts,
+    init_chunk_planner,
+)
 from lightning_pp.models.llama import DecoderLM, shard_layers
 from lightning_pp.models.tp_block import BlockGroups
-from lightning_pp.topology import RankTopology
+from lightning_pp.parallel.dp_attention import gather_shared_outputs, share_prompts
 
 __all__ = ["GenerationModule", "PromptDataset", "collate_prompts"]
 
@@ -105,7 +110,8 @@ class GenerationModule(L.LightningModule):
             raise ValueError("chunk_predictor=True sizes chunks from a first chunk: pass prefill_chunk as well.")
         self.config = lm.config
         self.embed_tokens, self.input_norm, self.lm_head = lm.embed_tokens, lm.input_norm, lm.lm_head
-        self.layers: nn.Module = lm.layers
+        # nn.Sequential here; under PPStrategy a PipelinedSequential (iterated by its .stages).
+        self.layers: nn.Sequential = lm.layers
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = tuple(lm.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.num_microbatches = num_microbatches
@@ -176,14 +182,19 @@ class GenerationModule(L.LightningModule):
                     profile_prefixes=self.profile_prefixes,
                 )
                 if self.predictor_fallback is not None and stage.pp_rank == 0:
-                    warnings.warn(f"chunk predictor off, using fixed chunks: {self.predictor_fallback}")
+                    warnings.warn(f"chunk predictor off, using fixed chunks: {self.predictor_fallback}", stacklevel=2)
             else:
                 self.planner = ChunkPlanner(self.prefill_chunk)
         return self.planner
 
     @torch.no_grad()
     def predict_step(
-        self, batch: Sequence[torch.Tensor], batch_idx: int = 0, dataloader_idx: int = 0, *, stage: Optional[StageContext] = None
+        self,
+        batch: Sequence[torch.Tensor],
+        batch_idx: int = 0,
+        dataloader_idx: int = 0,
+        *,
+        stage: Optional[StageContext] = None,
     ) -> Optional[list[list[int]]]:
         """Generated ids for each prompt of ``batch``.
 

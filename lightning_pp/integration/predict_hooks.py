@@ -2,8 +2,8 @@
 
 Kept apart from the training strategy so each file does one job. The mixin reads
 the strategy's pipeline state (``pp_rank``, ``_pipelined``, ``_comm``, ...) and
-drives :mod:`lightning_pp.prediction` (streaming batch inference) or, for modules
-that run their own loop (``GenerationModule``), :mod:`lightning_pp.generation`.
+drives :mod:`lightning_pp.integration.predict_stream` (streaming batch inference) or, for modules
+that run their own loop (``GenerationModule``), :mod:`lightning_pp.generation.engine`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from typing_extensions import override
 
+from lightning_pp.distributed.topology import RankCoords, rank_of
+from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.platform import platform_for
-from lightning_pp.topology import RankCoords, rank_of
 
 __all__ = ["PredictMixin", "drives_own_pipeline"]
 
@@ -26,20 +27,20 @@ def drives_own_pipeline(module: Any) -> bool:
     return bool(getattr(module, "drives_own_pipeline", False)) and trainer is not None and trainer.predicting
 
 
-class PredictMixin:
-    """Prediction hooks of :class:`~lightning_pp.strategy.PPStrategy`."""
+class PredictMixin(PipelineStrategyState):
+    """Prediction hooks of :class:`~lightning_pp.integration.strategy.PPStrategy`."""
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         """Streams batches through the pipeline; returns batch ``k``'s output on each replica's first stage.
 
         Other stages return ``None`` (prediction writers are muted there). See
-        :mod:`lightning_pp.prediction`.
+        :mod:`lightning_pp.integration.predict_stream`.
         """
         if drives_own_pipeline(self._lightning_module):
-            # Generation runs its own loop over the stages (lightning_pp.generation).
+            # Generation runs its own loop over the stages (lightning_pp.generation.engine).
             with self.precision_plugin.predict_step_context():
-                return self.lightning_module.predict_step(*args, stage=self._generation_stage(), **kwargs)
+                return self.module.predict_step(*args, stage=self._generation_stage(), **kwargs)
         stream, batch_idx = self._predict_stream(args)
         if stream is None:
             return self._eval_step("predict_step", args, kwargs, combine="concat")
@@ -48,7 +49,7 @@ class PredictMixin:
 
     def _generation_stage(self) -> Any:
         """This rank's place in the pipeline, for modules that drive their own pipeline loop."""
-        from lightning_pp.generation import StageContext
+        from lightning_pp.generation.engine import StageContext
 
         assert self._comm is not None and self.topology is not None
         # With data-parallel attention the cp ranks of a stage run separate sequences.
@@ -74,7 +75,7 @@ class PredictMixin:
 
     def _predict_feed(self, dataloader_idx: int) -> Any:
         """The read-ahead feed of predict dataloader ``dataloader_idx``, or ``None`` when not streaming."""
-        from lightning_pp.prediction import PredictFeed
+        from lightning_pp.integration.predict_stream import PredictFeed
 
         module = self._lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
@@ -88,12 +89,14 @@ class PredictMixin:
 
     def _predict_stream(self, args: tuple) -> tuple[Any, int]:
         """The stream for this ``predict_step`` call (created on a dataloader's first batch), and the batch index."""
-        from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+        from lightning.pytorch.utilities.signature_utils import (
+            is_param_in_hook_signature,
+        )
 
-        from lightning_pp.prediction import PredictStream
+        from lightning_pp.integration.predict_stream import PredictStream
 
-        module = self.lightning_module
-        assert module is not None and self._pipelined is not None and self._predict_streams is not None
+        module = self.module
+        assert self._pipelined is not None and self._predict_streams is not None
         trainer = module.trainer
         combined = trainer.predict_loop._combined_loader
         multiple = combined is not None and len(combined.flattened) > 1
@@ -136,7 +139,7 @@ class PredictMixin:
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        from lightning_pp.prediction import PredictFeed
+        from lightning_pp.integration.predict_stream import PredictFeed
 
         module = self._lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
@@ -156,18 +159,19 @@ class PredictMixin:
 
     @override
     def on_predict_start(self) -> None:
-        from lightning_pp.prediction import mute_prediction_writers
+        from lightning_pp.integration.predict_stream import mute_prediction_writers
 
         self._predict_streams = {}
         coords = self.topology.coords if self.topology is not None else None
         if self.pp_rank != 0 or (coords is not None and (coords.cp, coords.tp) != (0, 0)):
             # Only the first stage of a replica holds its predictions; its other cp/tp
             # ranks hold copies (tensor parallelism) or a share (data-parallel attention).
-            self._muted_writers = mute_prediction_writers(self.lightning_module.trainer.callbacks)
+            # Trainer.callbacks is assigned by Lightning's callback connector, so mypy cannot see it.
+            self._muted_writers = mute_prediction_writers(self.module.trainer.callbacks)  # type: ignore[attr-defined]
 
     @override
     def on_predict_end(self) -> None:
-        from lightning_pp.prediction import unmute_prediction_writers
+        from lightning_pp.integration.predict_stream import unmute_prediction_writers
 
         unmute_prediction_writers(self._muted_writers or [])
         self._muted_writers = None
@@ -179,9 +183,9 @@ class PredictMixin:
 
     def _gather_replica_predictions(self) -> None:
         """Global rank 0 gets every replica's predictions, as one device would return them."""
-        from lightning_pp.prediction import gather_replica_predictions
+        from lightning_pp.integration.predict_stream import gather_replica_predictions
 
-        loop = self.lightning_module.trainer.predict_loop
+        loop = self.module.trainer.predict_loop
         if not loop.return_predictions:
             return
         combined = loop._combined_loader
@@ -196,6 +200,7 @@ class PredictMixin:
         if gathered is None:
             return
         # Each replica's answer is on its first stage's first cp/tp rank.
+        assert self.topology is not None, "the mesh exists from setup to teardown"
         shape = self.topology.shape
         replicas = [gathered[rank_of(RankCoords(pp=0, dp=d, cp=0, tp=0), shape)] for d in range(self.dp_size)]
         for i, predictions in enumerate(loop._predictions):

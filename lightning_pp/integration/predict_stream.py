@@ -8,7 +8,7 @@ keep the pipeline full across batch boundaries the first stage must start batch
   and lets the pipeline read batches ahead of Lightning; Lightning still receives
   every batch, in order, from the same feed.
 * :class:`PredictStream` (one per dataloader) turns batches into stream
-  microbatches and drives :class:`~lightning_pp.inference.StreamingPipeline`:
+  microbatches and drives :class:`~lightning_pp.pipeline.streaming.StreamingPipeline`:
   ``predict_step(k)`` runs ticks until batch ``k``'s last microbatch is back on
   the first stage, which returns batch ``k``'s output; the microbatches of the
   next batches are already in flight.
@@ -25,15 +25,15 @@ import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_pp.engine import run_step_to_end, run_step_to_first_stage
-from lightning_pp.inference import StreamingPipeline
-from lightning_pp.microbatch import batch_rows, split_microbatches
-from lightning_pp.p2p import PipeComm
+from lightning_pp.distributed.p2p import PipeComm
+from lightning_pp.pipeline.executor import run_step_to_end, run_step_to_first_stage
+from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
+from lightning_pp.pipeline.step_outputs import concat_outputs
+from lightning_pp.pipeline.streaming import StreamingPipeline
 from lightning_pp.platform import Platform
-from lightning_pp.step_outputs import concat_outputs
+from lightning_pp.tree import map_tensors, tree_leaves
 
 __all__ = ["PredictFeed", "PredictStream", "gather_replica_predictions", "mute_prediction_writers"]
 
@@ -120,10 +120,6 @@ class _FeedIterator:
         return self.feed._next()
 
 
-def _tensor_leaves_to(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    return apply_to_collection(obj, torch.Tensor, fn)
-
-
 class PredictStream:
     """Streams one predict dataloader's batches through the pipeline.
 
@@ -196,7 +192,7 @@ class PredictStream:
         parts = split_microbatches(batch, min(self.num_microbatches, rows))
         if self._needs_data:
             for j, part in enumerate(parts):
-                self._host[self._starts[k] + j] = _tensor_leaves_to(part, self.platform.pin)
+                self._host[self._starts[k] + j] = map_tensors(self.platform.pin, part)
         self._starts.append(self._starts[k] + len(parts))
         return True
 
@@ -225,7 +221,7 @@ class PredictStream:
                 "read or already released."
             )
         # Each of the first and last rank runs a microbatch's step once: the host copy goes now.
-        return _tensor_leaves_to(self._host.pop(g), lambda t: self.platform.to_device(t, self.device))
+        return map_tensors(lambda t: self.platform.to_device(t, self.device), self._host.pop(g))
 
     def _launch(self, g: int) -> Any:
         microbatch = self._device_microbatch(g)
@@ -315,26 +311,12 @@ def _skip(*_: Any, **__: Any) -> None:
 
 
 def _row_count(output: Any) -> Optional[int]:
-    if isinstance(output, torch.Tensor):
-        return output.shape[0] if output.dim() > 0 else None
-    if isinstance(output, dict):
-        counts = [_row_count(v) for v in output.values()]
-    elif isinstance(output, (list, tuple)):
-        counts = [_row_count(v) for v in output]
-    else:
-        return None
-    counts = [c for c in counts if c is not None]
+    counts = [t.shape[0] for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.dim() > 0]
     return counts[0] if counts else None
 
 
 def _select_row(output: Any, i: int) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output[i : i + 1] if output.dim() > 0 else output
-    if isinstance(output, dict):
-        return type(output)((k, _select_row(v, i)) for k, v in output.items())
-    if isinstance(output, (list, tuple)):
-        return type(output)(_select_row(v, i) for v in output)
-    return output
+    return map_tensors(lambda t: t[i : i + 1] if t.dim() > 0 else t, output)
 
 
 def gather_replica_predictions(

@@ -27,20 +27,37 @@ from typing import Any, Callable
 
 from lightning.fabric import connector as fabric_connector
 from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
-from lightning.fabric.plugins.precision.amp import MixedPrecision as FabricMixedPrecision
+from lightning.fabric.plugins.precision.amp import (
+    MixedPrecision as FabricMixedPrecision,
+)
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
-from lightning.fabric.strategies import SingleDeviceStrategy as FabricSingleDeviceStrategy
+from lightning.fabric.strategies import (
+    SingleDeviceStrategy as FabricSingleDeviceStrategy,
+)
 from lightning.fabric.utilities.imports import _IS_INTERACTIVE
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.trainer.connectors import accelerator_connector as trainer_connector
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
+from lightning.pytorch.trainer.connectors import (
+    accelerator_connector as trainer_connector,
+)
 
-from lightning_pp.accelerators import DeviceAccelerator, NPUAccelerator, XPUAccelerator
+from lightning_pp.integration.accelerators import (
+    DeviceAccelerator,
+    NPUAccelerator,
+    XPUAccelerator,
+)
+from lightning_pp.integration.device_ddp import (
+    DeviceDDPStrategy,
+    FabricDeviceDDPStrategy,
+)
+from lightning_pp.integration.strategy import PPStrategy
 from lightning_pp.platform import current_platform, platform_for
-from lightning_pp.strategies.device_ddp import DeviceDDPStrategy, FabricDeviceDDPStrategy
-from lightning_pp.strategy import PPStrategy
 
 __all__ = ["register"]
 

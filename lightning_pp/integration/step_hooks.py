@@ -28,23 +28,34 @@ from typing import Any, Iterator, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pp.collective_errors import named_failures
-from lightning_pp.engine import PipelineExecutor
-from lightning_pp.gradients import clip_grad_norm_across_stages, reduce_stage_gradients, sum_over_group
-from lightning_pp.microbatch import batch_rows, split_microbatches
-from lightning_pp.schedules import Schedule, build_schedule
-from lightning_pp.step_outputs import LogRecorder, concat_outputs, extract_loss, weighted_mean
-from lightning_pp.trace import TraceRecorder
+from lightning_pp.distributed.errors import named_failures
+from lightning_pp.distributed.objects import broadcast_object
+from lightning_pp.integration.strategy_state import PipelineStrategyState
+from lightning_pp.parallel.gradients import (
+    clip_grad_norm_across_stages,
+    reduce_stage_gradients,
+    sum_over_group,
+)
+from lightning_pp.pipeline.executor import PipelineExecutor
+from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
+from lightning_pp.pipeline.recorder import TraceRecorder
+from lightning_pp.pipeline.schedules import Schedule, build_schedule
+from lightning_pp.pipeline.step_outputs import (
+    LogRecorder,
+    concat_outputs,
+    extract_loss,
+    weighted_mean,
+)
+from lightning_pp.tree import map_tensors
 
 __all__ = ["StepsMixin"]
 
 
-class StepsMixin:
-    """Step hooks of :class:`~lightning_pp.strategy.PPStrategy` (see the module docstring)."""
+class StepsMixin(PipelineStrategyState):
+    """Step hooks of :class:`~lightning_pp.integration.strategy.PPStrategy` (see the module docstring)."""
 
     def _schedule(self, num_microbatches: int, forward_only: bool) -> Schedule:
         key = (num_microbatches, forward_only)
@@ -92,8 +103,8 @@ class StepsMixin:
     @contextmanager
     def _microbatch_steps(self, hook: str, microbatches: list[Any], args: tuple, kwargs: dict) -> Iterator[tuple]:
         """Yields ``(step_fn, recorder)`` running the user's ``hook`` on each microbatch."""
-        module = self.lightning_module
-        assert module is not None and self._pipelined is not None
+        module = self.module
+        assert self._pipelined is not None
         recorder = LogRecorder()
         user_step = getattr(module, hook)
         pipelined = self._pipelined
@@ -107,7 +118,7 @@ class StepsMixin:
                 pipelined.handler = None
 
         # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
-        module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign]
+        module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign, assignment]
         try:
             yield step_fn, recorder
         finally:
@@ -115,22 +126,23 @@ class StepsMixin:
 
     def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
         """Sends the last stage's combined output and logs to every stage, then logs them."""
-        module = self.lightning_module
-        assert module is not None
+        module = self.module
         is_last = self.pp_rank == self.pp_size - 1
         payload = None
         if is_last:
             logs = recorder.combined(weights)
-            payload = _to_cpu((output, logs))
+            payload = map_tensors(torch.Tensor.cpu, (output, logs))
         if self.pp_size > 1:
-            holder = [payload]
             group = self._pp_cpu_group or self._pp_group
-            with named_failures(
-                "share the loss and logged values of the last stage over the pipeline", group, timeout=self._timeout
-            ):
-                dist.broadcast_object_list(holder, src=dist.get_global_rank(group, self.pp_size - 1), group=group)
-            payload = holder[0]
-        output, logs = _to_device(payload, self.root_device)
+            assert group is not None, "pp > 1 has a pipeline group once set up"
+            payload = broadcast_object(
+                payload,
+                src=dist.get_global_rank(group, self.pp_size - 1),
+                group=group,
+                operation="share the loss and logged values of the last stage over the pipeline",
+                timeout=self._timeout,
+            )
+        output, logs = map_tensors(lambda t: t.to(self.root_device), payload)
         for name, (value, log_kwargs) in logs.items():
             module.log(name, value, **log_kwargs)
         return output
@@ -138,10 +150,10 @@ class StepsMixin:
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch, rest = args[0], args[1:]
-        trainer = self.lightning_module.trainer
+        trainer = self.module.trainer
         scaler = getattr(self.precision_plugin, "scaler", None)
         accumulate = trainer.accumulate_grad_batches
-        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in self.module.parameters() if p.requires_grad]
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -198,12 +210,12 @@ class StepsMixin:
 
     @override
     def on_train_start(self) -> None:
-        trainer = self.lightning_module.trainer
+        trainer = self.module.trainer
         self._check_same_on_pipeline("training batches per epoch", trainer.num_training_batches)
 
     @override
     def on_validation_start(self) -> None:
-        trainer = self.lightning_module.trainer
+        trainer = self.module.trainer
         self._check_same_on_pipeline("validation batches", trainer.num_val_batches)
 
     def _check_same_on_pipeline(self, what: str, value: Any) -> None:
@@ -252,8 +264,7 @@ class StepsMixin:
         The precision plugin's pre/post hooks still run, so ``on_before_backward`` and
         ``on_after_backward`` fire as on one device.
         """
-        module = self.lightning_module
-        assert module is not None
+        module = self.module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -302,9 +313,3 @@ class StepsMixin:
         return self._eval_step("test_step", args, kwargs, combine="mean")
 
 
-def _to_cpu(obj: Any) -> Any:
-    return move_data_to_device(obj, torch.device("cpu"))
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    return move_data_to_device(obj, device)

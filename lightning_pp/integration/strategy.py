@@ -2,16 +2,16 @@
 
 This file sets the strategy up: options, the process groups, the model split and
 the Lightning plumbing. Its hooks live beside it, one job per file:
-:mod:`~lightning_pp.strategy_steps` (training, validation, test: a whole schedule
-per step), :mod:`~lightning_pp.strategy_predict` (streaming predict, generation)
-and :mod:`~lightning_pp.strategy_checkpoint` (sharded checkpoints).
+:mod:`~lightning_pp.integration.step_hooks` (training, validation, test: a whole schedule
+per step), :mod:`~lightning_pp.integration.predict_hooks` (streaming predict, generation)
+and :mod:`~lightning_pp.integration.checkpoint_hooks` (sharded checkpoints).
 
-Ranks form a ``(pp, dp, cp, tp)`` mesh laid out by :mod:`lightning_pp.topology`
+Ranks form a ``(pp, dp, cp, tp)`` mesh laid out by :mod:`lightning_pp.distributed.topology`
 (``tp`` fastest, ``pp`` slowest, so tensor-parallel peers are neighbours and a
 pipeline stage is one block of ``dp * cp * tp`` ranks). Replicas are data
 parallel: every rank of a replica reads the same batches, and gradients are
 averaged over the replicas of each stage. Tensor- and context-parallel layers
-(:mod:`lightning_pp.parallel_layers`) get their groups from
+(:mod:`lightning_pp.parallel.layers`) get their groups from
 ``strategy.topology``, which exists from ``configure_model`` on.
 """
 
@@ -21,47 +21,55 @@ import atexit
 import gc
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _init_dist_connection, _sync_ddp
+from lightning.fabric.utilities.distributed import (
+    _all_gather_ddp_if_available,
+    _init_dist_connection,
+    _sync_ddp,
+)
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_pp.balance import balance_by_time, profile_layer_times
-from lightning_pp.collective_errors import named_failures
-from lightning_pp.gradients import sync_found_inf
-from lightning_pp.interrupts import install_interrupt_escalation
-from lightning_pp.model_parallel import counts_once, cp_partial_parameter_ids, pre_initialize_stage_fusion
-from lightning_pp.p2p import PipeComm, Transport
-from lightning_pp.pipeline_module import (
-    PipelinedSequential,
+from lightning_pp.distributed.errors import named_failures
+from lightning_pp.distributed.interrupts import install_interrupt_escalation
+from lightning_pp.distributed.objects import barrier, broadcast_object
+from lightning_pp.distributed.p2p import PipeComm, Transport
+from lightning_pp.distributed.topology import MeshShape, build_topology
+from lightning_pp.integration.checkpoint_hooks import CheckpointMixin
+from lightning_pp.integration.predict_hooks import PredictMixin
+from lightning_pp.integration.step_hooks import StepsMixin
+from lightning_pp.integration.strategy_state import PipelineStrategyState
+from lightning_pp.parallel.gradients import sync_found_inf
+from lightning_pp.parallel.model_parallel import (
+    counts_once,
+    cp_partial_parameter_ids,
+    pre_initialize_stage_fusion,
+)
+from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
+from lightning_pp.pipeline.schedules import normalise_schedule_name
+from lightning_pp.pipeline.stage import (
     capture_sequential_input,
     find_pipelined_sequential,
     partition_module,
 )
 from lightning_pp.platform import distributed_backend_for, platform_for
-from lightning_pp.schedules import Schedule, normalise_schedule_name
-from lightning_pp.topology import MeshShape, RankTopology, build_topology
-from lightning_pp.trace import StepTracer, TraceOptions
-from lightning_pp.strategy_checkpoint import CheckpointMixin
-from lightning_pp.strategy_predict import PredictMixin
-from lightning_pp.strategy_steps import StepsMixin
+from lightning_pp.tracing.trace import StepTracer, TraceOptions
 
 __all__ = ["PPStrategy"]
 
 
-class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
+class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyState):
     """Pipeline-parallel training and inference of a LightningModule's ``nn.Sequential``.
 
     Args:
@@ -77,7 +85,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
             parameter counts; ``"time"`` profiles each layer's forward + backward on the
             device (needs ``balance_sample``) and minimises the slowest stage.
         balance_sample: one training batch, for ``balance="time"``.
-        trace: a folder (or :class:`~lightning_pp.trace.TraceOptions`) to record a few
+        trace: a folder (or :class:`~lightning_pp.tracing.trace.TraceOptions`) to record a few
             training steps into: ``trace.json`` for chrome://tracing or Perfetto, one
             track per rank, and ``timeline.png`` with the measured bubble.
         sequential: attribute name of the ``nn.Sequential`` to pipeline, when the module
@@ -190,7 +198,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         )
         self._balance_sample = balance_sample
         self._trace_options = TraceOptions(trace) if isinstance(trace, str) else trace
-        self._tracer: Optional[StepTracer] = None
+        self._tracer = None
         self.sequential_name = sequential
         self._transport = transport
         self._process_group_backend = process_group_backend
@@ -202,21 +210,21 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         self.pp_rank = 0
         self.dp_rank = 0
         #: Every process group of the mesh (set up with the process group, before ``configure_model``).
-        self.topology: Optional[RankTopology] = None
+        self.topology = None
         #: Whether each fused all-reduce of this stage uses FlashInfer's kernel (filled during setup).
         self.allreduce_fusion: dict[str, bool] = {}
-        self._cp_partial_ids: frozenset[int] = frozenset()
-        self._counted_in_norm: Optional[Callable[[Tensor], bool]] = None
-        self._replica_group: Optional[dist.ProcessGroup] = None
-        self._pp_group: Optional[dist.ProcessGroup] = None
-        self._pp_cpu_group: Optional[dist.ProcessGroup] = None
-        self._dp_group: Optional[dist.ProcessGroup] = None
-        self._pipelined: Optional[PipelinedSequential] = None
+        self._cp_partial_ids = frozenset()
+        self._counted_in_norm = None
+        self._replica_group = None
+        self._pp_group = None
+        self._pp_cpu_group = None
+        self._dp_group = None
+        self._pipelined = None
         self._pipelined_attr = ""
         self._pipelined_param_ids: frozenset[int] = frozenset()
-        self._comm: Optional[PipeComm] = None
-        self._schedules: dict[tuple[int, bool], Schedule] = {}
-        self._pending_grads: Optional[list[Optional[Tensor]]] = None
+        self._comm = None
+        self._schedules = {}
+        self._pending_grads = None
 
     # -- Lightning plumbing ------------------------------------------------------------
     @property
@@ -249,10 +257,6 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         # Every stage of a replica must see the same batches: split over replicas only.
         return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
-    @property
-    def num_microbatches(self) -> int:
-        return self._requested_microbatches or 2 * self.pp_size
-
     def set_world_ranks(self) -> None:
         # Lightning calls this while building the Trainer: a bad layout fails there,
         # in the launching process, before any rank starts or blocks.
@@ -260,7 +264,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]  # set on the function, as Lightning does
 
     def _check_layout(self, world_size: int) -> MeshShape:
         """The mesh shape for ``world_size`` ranks, or an error that says what to change."""
@@ -343,8 +347,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         local_stages = [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
         if self.balance == "time":
             self.balance = self._balance_by_time(num_stages)
+        assert not isinstance(self.balance, str), "balance='time' was replaced by measured counts above"
         self._pipelined_attr, self._pipelined = partition_module(
-            self.lightning_module,
+            self.module,
             name=self.sequential_name,
             num_stages=num_stages,
             local_stages=local_stages,
@@ -397,8 +402,13 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
         """Stage sizes from layer times measured on global rank 0, shared with every rank."""
         counts = None
         if self.global_rank == 0:
-            module = self.lightning_module
+            module = self.module
             attr, sequential = find_pipelined_sequential(module, self.sequential_name)
+            if not isinstance(sequential, nn.Sequential):
+                raise RuntimeError(
+                    f"balance='time' profiles an unsplit nn.Sequential, but {attr} is already split; "
+                    "pass the measured balance (a list of layer counts) to reuse the split."
+                )
             sample_input = capture_sequential_input(module, attr, self._balance_sample)
             counts = balance_by_time(profile_layer_times(sequential, sample_input, self.root_device), num_stages)
         return self.broadcast(counts, 0)
@@ -443,18 +453,12 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, ParallelStrategy):
     # -- collectives ------------------------------------------------------------------------
     @override
     def barrier(self, name: Optional[str] = None) -> None:
-        if dist.is_available() and dist.is_initialized():
-            with named_failures(f"pass the barrier {name!r}" if name else "pass a barrier", timeout=self._timeout):
-                dist.barrier()
+        barrier(operation=f"pass the barrier {name!r}" if name else "pass a barrier", timeout=self._timeout)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not (dist.is_available() and dist.is_initialized()):
-            return obj
-        holder = [obj]
-        with named_failures(f"broadcast an object from global rank {src}", timeout=self._timeout):
-            dist.broadcast_object_list(holder, src)
-        return holder[0]
+        operation = f"broadcast an object from global rank {src}"
+        return broadcast_object(obj, src=src, operation=operation, timeout=self._timeout)
 
     @override
     def reduce(

@@ -1,4 +1,8 @@
-"""Reference models built from :mod:`lightning_pp.parallel_layers`."""
+"""Reference models built from the parallel layers, usable from plain torch.
+
+``tp_block`` is a tensor/context-parallel transformer block; ``llama`` a Llama-style
+decoder that loads Hugging Face checkpoints and generates with a KV cache.
+"""
 
 from lightning_pp.models.tp_block import BlockConfig, BlockGroups, ParallelAttention, SwiGLUMLP, TPTransformerBlock
 

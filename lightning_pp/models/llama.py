@@ -33,17 +33,23 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
 
-from lightning_pp.comm.collectives import gather_tokens, scatter_tokens
-from lightning_pp.comm.fused_allreduce import allreduce_add_rmsnorm
-from lightning_pp.kv_cache import KVCache, StepRows
-from lightning_pp.models.tp_block import ATTENTION_MODES, BlockConfig, BlockGroups, ParallelAttention, SwiGLUMLP
-from lightning_pp.parallel_layers import RMSNorm
-from lightning_pp.topology import ParallelGroup
+from lightning_pp.distributed.collectives import gather_tokens, scatter_tokens
+from lightning_pp.distributed.topology import ParallelGroup
+from lightning_pp.generation.kv_cache import KVCache, StepRows
+from lightning_pp.models.tp_block import (
+    ATTENTION_MODES,
+    BlockConfig,
+    BlockGroups,
+    ParallelAttention,
+    SwiGLUMLP,
+)
+from lightning_pp.parallel.fused_allreduce import allreduce_add_rmsnorm
+from lightning_pp.parallel.layers import RMSNorm
 
 __all__ = ["DecoderConfig", "DecoderLM", "DecoderLayer", "KVCache", "RotaryEmbedding", "StepRows", "shard_layers"]
 
@@ -88,7 +94,9 @@ class DecoderConfig:
         unsupported = {
             "attention_bias": bool(hf.get("attention_bias", False)),
             "mlp_bias": bool(hf.get("mlp_bias", False)),
-            "head_dim != hidden_size / num_attention_heads": int(hf.get("head_dim") or hidden // heads) != hidden // heads,
+            "head_dim != hidden_size / num_attention_heads": (
+                int(hf.get("head_dim") or hidden // heads) != hidden // heads
+            ),
             "hidden_act other than silu": hf.get("hidden_act", "silu") != "silu",
             "sliding_window": bool(hf.get("sliding_window")) and bool(hf.get("use_sliding_window", True)),
         }
@@ -160,7 +168,8 @@ class CachedAttention(ParallelAttention):
         for seq_id, num_new, start in zip(rows.seq_ids, rows.num_new, rows.start):
             if cache.length(seq_id) != start:
                 raise RuntimeError(
-                    f"sequence {seq_id} has {cache.length(seq_id)} cached tokens but its rows start at position {start}."
+                    f"sequence {seq_id} has {cache.length(seq_id)} cached tokens but its rows start at "
+                    f"position {start}."
                 )
             sl = slice(offset, offset + num_new)
             keys, values = cache.extend(seq_id, k[sl], v[sl])
@@ -289,7 +298,7 @@ class DecoderLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    # The three pieces a pipeline stage runs; see lightning_pp.generation.
+    # The three pieces a pipeline stage runs; see lightning_pp.generation.engine.
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_norm(x), x)`` for token ids ``[rows]``: the first layer's input."""
         x = self.embed_tokens(ids)
@@ -314,7 +323,8 @@ class DecoderLM(nn.Module):
         sharded = DecoderLM(self.config, groups, attention_mode=attention_mode)
         sharded.to(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
         for layer, full in zip(sharded.layers, full_layers):
-            _load_full_layer_(layer, full)
+            # cast: DecoderLM builds its layers as DecoderLayers; nn.Sequential only types them as Module.
+            _load_full_layer_(cast(DecoderLayer, layer), full)
         sharded.embed_tokens.weight.copy_(self.embed_tokens.weight)
         sharded.input_norm.weight.copy_(self.input_norm.weight)
         if not self.config.tie_word_embeddings:  # tied: the head is the embedding copied above
@@ -390,7 +400,7 @@ class DecoderLM(nn.Module):
             full.update({f"mlp.{n}": take(p + f"mlp.{n}.weight") for n in _MLP_PROJECTIONS})
             full["post_attention_norm"] = take(p + "post_attention_layernorm.weight")
             full["output_norm"] = take(nxt)
-            _load_full_layer_(layer, full)
+            _load_full_layer_(cast(DecoderLayer, layer), full)  # built as a DecoderLayer in __init__
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         else:

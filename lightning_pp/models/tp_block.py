@@ -9,11 +9,11 @@ carried beside the normalised hidden states::
 
 ``output_norm`` is the norm of whatever reads the block's output: the next block's
 input norm, or the model's final norm. A Llama-style decoder therefore applies a
-plain :class:`~lightning_pp.parallel_layers.RMSNorm` once before its first block
+plain :class:`~lightning_pp.parallel.layers.RMSNorm` once before its first block
 and maps checkpoint name ``layers.{i+1}.input_layernorm`` to
 ``blocks.{i}.output_norm`` (``norm`` to the last block's).
 
-Parallelism (see :mod:`lightning_pp.topology`):
+Parallelism (see :mod:`lightning_pp.distributed.topology`):
 
 * attention heads split over **attention-TP** (``q/k/v_proj`` column-parallel,
   ``o_proj`` row-parallel, its partial sums reduced by the first fused call);
@@ -28,7 +28,7 @@ Parallelism (see :mod:`lightning_pp.topology`):
   would drop the other cp ranks' partial sums (SGLang PR 21249).
 
 Gradients: collectives follow Megatron-LM's convention (see
-:mod:`lightning_pp.comm.collectives`), so each rank's parameter gradients are
+:mod:`lightning_pp.distributed.collectives`), so each rank's parameter gradients are
 exact for the rows it computed. Attention-side parameters (attention projections
 and ``post_attention_norm``) see only this rank's rows: their gradients must still
 be summed over the cp group, like data parallelism; :meth:`TPTransformerBlock.
@@ -44,10 +44,18 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_pp.comm.collectives import gather_tokens, scatter_tokens, token_offsets
-from lightning_pp.comm.fused_allreduce import allreduce_add_rmsnorm
-from lightning_pp.parallel_layers import ColumnParallelLinear, RMSNorm, RowParallelLinear
-from lightning_pp.topology import ParallelGroup, RankTopology
+from lightning_pp.distributed.collectives import (
+    gather_tokens,
+    scatter_tokens,
+    token_offsets,
+)
+from lightning_pp.distributed.topology import ParallelGroup, RankTopology
+from lightning_pp.parallel.fused_allreduce import allreduce_add_rmsnorm
+from lightning_pp.parallel.layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+)
 
 __all__ = ["ATTENTION_MODES", "BlockConfig", "BlockGroups", "ParallelAttention", "SwiGLUMLP", "TPTransformerBlock"]
 

@@ -12,7 +12,7 @@ forward, the ranks exchange token counts and decide:
   (so a reduce-scatter over attention-TP divides evenly), and at least its own
   count.
 
-In a :class:`~lightning_pp.topology.RankTopology`, the attention-DP group is the
+In a :class:`~lightning_pp.distributed.topology.RankTopology`, the attention-DP group is the
 ``cp`` group when the block runs its ``cp`` ranks on separate batches (see
 ``lightning_pp.models.tp_block``).
 
@@ -34,9 +34,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_pp.comm.collectives import GroupLike, device_group_of, group_size
+from lightning_pp.distributed.collectives import GroupLike, device_group_of, group_size
+from lightning_pp.distributed.topology import ParallelGroup
 from lightning_pp.platform import current_platform, distributed_backend_for
-from lightning_pp.topology import ParallelGroup
 
 __all__ = [
     "PAD_MODES",

@@ -33,8 +33,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from lightning_pp.distributed.objects import broadcast_object
+from lightning_pp.distributed.topology import ParallelGroup
 from lightning_pp.platform import current_platform
-from lightning_pp.topology import ParallelGroup
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -124,6 +125,17 @@ def _import_flashinfer_comm() -> Optional[ModuleType]:
     return comm if all(hasattr(comm, name) for name in _REQUIRED_API) else None
 
 
+def _require_flashinfer_comm() -> ModuleType:
+    """``flashinfer.comm``, for callers that run only after :func:`_local_reason` found it usable."""
+    comm = _import_flashinfer_comm()
+    if comm is None:
+        raise RuntimeError(
+            "flashinfer.comm with the unified allreduce_fusion API is not importable, "
+            "but the fused allreduce was asked to use it."
+        )
+    return comm
+
+
 def _torch_dist_backend_base() -> Optional[type]:
     try:
         return getattr(importlib.import_module("flashinfer.comm.mnnvl"), "TorchDistBackend", None)
@@ -135,7 +147,7 @@ def _torch_dist_backend_base() -> Optional[type]:
 def _subgroup_backend_class(base: type) -> type:
     """Subclass of FlashInfer's ``TorchDistBackend`` that is correct on sub-groups."""
 
-    class SubgroupCommBackend(base):  # type: ignore[misc, valid-type]
+    class SubgroupCommBackend(base):
         """FlashInfer communication backend bound to one :class:`ParallelGroup`.
 
         Initialised with the device group, so FlashInfer derives ranks and sizes
@@ -154,10 +166,12 @@ def _subgroup_backend_class(base: type) -> type:
             self.parallel_group = group
 
         def bcast(self, data: Any, root: int) -> Any:
-            source = self.parallel_group.global_rank_of(root)
-            objects = [data]
-            dist.broadcast_object_list(objects, src=source, group=self.parallel_group.cpu_group)
-            return objects[0]
+            return broadcast_object(
+                data,
+                src=self.parallel_group.global_rank_of(root),
+                group=self.parallel_group.cpu_group,
+                operation=f"share FlashInfer's workspace handles from rank {root} of the group",
+            )
 
     return SubgroupCommBackend
 
@@ -233,7 +247,7 @@ def _local_reason(group: ParallelGroup, max_num_tokens: int, hidden_size: int, d
 
 
 def _create_workspace(group: ParallelGroup, max_num_tokens: int, hidden_size: int, dtype: torch.dtype) -> Any:
-    comm = _import_flashinfer_comm()
+    comm = _require_flashinfer_comm()
     create = comm.create_allreduce_fusion_workspace
     kwargs: dict[str, Any] = dict(
         # NOTE: pinned to "trtllm". "auto" may pick the MNNVL backend, whose set-up
@@ -289,7 +303,7 @@ def pre_initialize_allreduce_fusion(
             # the whole world and pair up with unrelated ranks.
             raise ValueError(
                 f"group {group.name!r} {group.ranks} needs a device group and a CPU twin: "
-                "build it with lightning_pp.topology.build_topology."
+                "build it with lightning_pp.distributed.topology.build_topology."
             )
         key = (group.device_group, max_num_tokens, hidden_size, dtype)
         if key in _WORKSPACES:
@@ -327,7 +341,7 @@ def run_fused_kernel(
     workspace: FusionWorkspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs FlashInfer's kARResidualRMSNorm pattern on 2-D contiguous inputs."""
-    comm = _import_flashinfer_comm()
+    comm = _require_flashinfer_comm()
     normed = torch.empty_like(x)
     residual_out = torch.empty_like(x)
     comm.allreduce_fusion(

@@ -29,8 +29,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lightning_pp.comm import flashinfer_fusion
-from lightning_pp.comm.collectives import GroupLike, all_reduce_sum, device_group_of, group_size
+from lightning_pp.distributed.collectives import (
+    GroupLike,
+    all_reduce_sum,
+    device_group_of,
+    group_size,
+)
+from lightning_pp.parallel import flashinfer_fusion
 from lightning_pp.platform import current_platform
 
 __all__ = ["allreduce_add_rmsnorm", "rmsnorm_fp32"]
@@ -92,7 +97,7 @@ def allreduce_add_rmsnorm(
         residual: the residual stream, same shape and dtype, equal on all ranks.
         weight: the RMSNorm weight, ``[H]``.
         eps: added to the mean of squares.
-        group: a :class:`~lightning_pp.topology.ParallelGroup`, a ``ProcessGroup``,
+        group: a :class:`~lightning_pp.distributed.topology.ParallelGroup`, a ``ProcessGroup``,
             or ``None`` for the default group (a single process when
             ``torch.distributed`` is not initialised).
 

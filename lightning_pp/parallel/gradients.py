@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_pp.collective_errors import named_failures
+from lightning_pp.distributed.errors import named_failures
 
 __all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sum_over_group", "sync_found_inf"]
 

@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_pp.comm.collectives import GroupLike, all_reduce_sum, copy_to_group, group_rank, group_size
-from lightning_pp.comm.fused_allreduce import rmsnorm_fp32
+from lightning_pp.distributed.collectives import (
+    GroupLike,
+    all_reduce_sum,
+    copy_to_group,
+    group_rank,
+    group_size,
+)
+from lightning_pp.parallel.fused_allreduce import rmsnorm_fp32
 
 __all__ = ["ColumnParallelLinear", "RMSNorm", "RowParallelLinear", "shard_range"]
 

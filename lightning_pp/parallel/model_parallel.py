@@ -1,12 +1,12 @@
 """What a pipeline stage with tensor- or context-parallel layers needs from its strategy.
 
-A stage built from :mod:`lightning_pp.parallel_layers` (for example
+A stage built from :mod:`lightning_pp.parallel.layers` (for example
 :class:`~lightning_pp.models.TPTransformerBlock`) holds *shards* of some
 parameters and *copies* of others. Three things follow, all computed here from
 the modules themselves, with no Lightning import:
 
 * **Fused all-reduce workspaces.** Modules that call
-  :func:`~lightning_pp.comm.allreduce_add_rmsnorm` list their groups in
+  :func:`~lightning_pp.parallel.allreduce_add_rmsnorm` list their groups in
   ``allreduce_fusion_groups()``; :func:`pre_initialize_stage_fusion` creates the
   workspaces once, during setup (creating one runs collectives, so it must happen
   before any graph capture or compilation, and on every rank of the group).
@@ -27,9 +27,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lightning_pp.comm.flashinfer_fusion import pre_initialize_allreduce_fusion
-from lightning_pp.parallel_layers import ColumnParallelLinear, RowParallelLinear
-from lightning_pp.topology import ParallelGroup, RankCoords, RankTopology, rank_of
+from lightning_pp.distributed.topology import (
+    ParallelGroup,
+    RankCoords,
+    RankTopology,
+    rank_of,
+)
+from lightning_pp.parallel.flashinfer_fusion import pre_initialize_allreduce_fusion
+from lightning_pp.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["counts_once", "cp_partial_parameter_ids", "fusion_requests", "pre_initialize_stage_fusion"]
 
@@ -61,7 +66,9 @@ def pre_initialize_stage_fusion(module: nn.Module, *, max_num_tokens: int, dtype
     """
     enabled: dict[str, bool] = {}
     for group, hidden in fusion_requests(module):
-        result = pre_initialize_allreduce_fusion([group], max_num_tokens=max_num_tokens, hidden_size=hidden, dtype=dtype)
+        result = pre_initialize_allreduce_fusion(
+            [group], max_num_tokens=max_num_tokens, hidden_size=hidden, dtype=dtype
+        )
         enabled[f"{group.name} {list(group.ranks)} h={hidden}"] = result[group.name]
     return enabled
 

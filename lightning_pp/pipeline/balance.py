@@ -18,9 +18,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_pp.p2p import flatten_payload, unflatten_payload
+from lightning_pp.distributed.p2p import flatten_payload, unflatten_payload
+from lightning_pp.pipeline.split import plan_stage_split
 from lightning_pp.platform import Platform, platform_for
-from lightning_pp.split import plan_stage_split
+from lightning_pp.tree import map_tensors
 
 __all__ = ["balance_by_time", "profile_layer_times"]
 
@@ -86,5 +87,4 @@ def balance_by_time(times: Sequence[float], num_stages: int) -> list[int]:
 
 
 def _to(payload: Any, device: torch.device) -> Any:
-    structure, tensors = flatten_payload(payload, where="the sample input")
-    return unflatten_payload(structure, [None if t is None else t.to(device) for t in tensors])
+    return map_tensors(lambda t: t.to(device), payload)

@@ -3,7 +3,7 @@
 The executor knows nothing of Lightning. It is handed
 
 * the rank's stage modules (``stage index -> nn.Module``),
-* a :class:`~lightning_pp.schedules.Schedule` (the per-rank action lists),
+* a :class:`~lightning_pp.pipeline.schedules.Schedule` (the per-rank action lists),
 * a ``step_fn(k, call_sequential)`` that runs the user's step on microbatch ``k``,
   with ``call_sequential`` standing in for the pipelined ``nn.Sequential``.
 
@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_pp.p2p import PipeComm, flatten_payload
-from lightning_pp.schedules import Action, Op, Schedule
-from lightning_pp.trace import TraceRecorder
+from lightning_pp.distributed.p2p import PipeComm, flatten_payload
+from lightning_pp.pipeline.recorder import TraceRecorder
+from lightning_pp.pipeline.schedules import Action, Op, Schedule
 
 __all__ = ["PipelineExecutor", "SequentialCallError", "StepFn", "run_step_to_end", "run_step_to_first_stage"]
 
@@ -129,7 +129,7 @@ class PipelineExecutor:
         #: Most microbatches whose forward activations this rank held at once in the
         #: last run (what 1F1B bounds by the pipeline depth and GPipe does not).
         self.peak_live_activations = 0
-        #: Records each action's start and end while tracing is on (see lightning_pp.trace).
+        #: Records each action's start and end while tracing is on (see lightning_pp.tracing.trace).
         self.tracer: Optional[TraceRecorder] = None
 
     def run(self, step_fn: StepFn, loss_fn: Optional[LossFn] = None) -> dict[int, Any]:

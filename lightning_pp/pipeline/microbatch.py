@@ -6,17 +6,9 @@ from typing import Any
 
 import torch
 
+from lightning_pp.tree import tree_flatten, tree_leaves, tree_unflatten
+
 __all__ = ["batch_rows", "split_microbatches"]
-
-
-def _tensor_leaves(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, (tuple, list)):
-        return [leaf for item in batch for leaf in _tensor_leaves(item)]
-    if isinstance(batch, dict):
-        return [leaf for item in batch.values() for leaf in _tensor_leaves(item)]
-    return []
 
 
 def batch_rows(batch: Any) -> int:
@@ -25,7 +17,7 @@ def batch_rows(batch: Any) -> int:
     Raises:
         ValueError: the batch holds no tensor, or tensors disagree on dim 0.
     """
-    leaves = [t for t in _tensor_leaves(batch) if t.dim() > 0]
+    leaves = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not leaves:
         raise ValueError(
             "A pipelined batch must contain at least one tensor with a batch dimension (dim 0) to split into "
@@ -54,16 +46,11 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     if not 1 <= num_microbatches <= rows:
         raise ValueError(f"Cannot split a batch of {rows} rows into {num_microbatches} microbatches.")
 
-    def split(node: Any) -> list[Any]:
-        if isinstance(node, torch.Tensor) and node.dim() > 0:
-            return list(torch.tensor_split(node, num_microbatches))
-        if isinstance(node, (tuple, list)):
-            parts = [split(item) for item in node]
-            rebuilt = [[p[k] for p in parts] for k in range(num_microbatches)]
-            return [type(node)(r) if not hasattr(node, "_fields") else type(node)(*r) for r in rebuilt]
-        if isinstance(node, dict):
-            parts_by_key = {key: split(value) for key, value in node.items()}
-            return [type(node)((key, parts[k]) for key, parts in parts_by_key.items()) for k in range(num_microbatches)]
-        return [node] * num_microbatches
+    def split(leaf: Any) -> list[Any]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return list(torch.tensor_split(leaf, num_microbatches))
+        return [leaf] * num_microbatches
 
-    return split(batch)
+    spec, leaves = tree_flatten(batch)
+    parts = [split(leaf) for leaf in leaves]
+    return [tree_unflatten(spec, [p[k] for p in parts]) for k in range(num_microbatches)]

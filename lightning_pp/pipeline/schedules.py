@@ -35,8 +35,23 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import enum
 from typing import Any, Dict, List, Optional, Tuple
+
+from lightning_pp.pipeline.actions import (
+    Action,
+    Op,
+    Schedule,
+    ScheduleError,
+    check_sizes,
+)
+from lightning_pp.pipeline.simulation import (
+    TimedAction,
+    bubble_fraction,
+    ideal_bubble_fraction,
+    peak_live_activations,
+    simulate,
+    validate_schedule,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -59,136 +74,13 @@ __all__ = [
 SCHEDULES: Tuple[str, ...] = ("gpipe", "1f1b", "interleaved1f1b")
 
 
-class ScheduleError(ValueError):
-    """A schedule is malformed, or cannot complete when sends wait for receives."""
-
-
-class Op(str, enum.Enum):
-    """What an :class:`Action` does; the value is its letter(s) in ``str(action)``."""
-
-    FORWARD = "F"
-    BACKWARD = "B"
-    SEND_ACT = "SEND_F"  # output of stage s -> rank of stage s + 1
-    RECV_ACT = "RECV_F"  # input of stage s <- rank of stage s - 1
-    SEND_GRAD = "SEND_B"  # grad w.r.t. input of stage s -> rank of stage s - 1
-    RECV_GRAD = "RECV_B"  # grad w.r.t. output of stage s <- rank of stage s + 1
-
-    @property
-    def is_compute(self) -> bool:
-        return self in (Op.FORWARD, Op.BACKWARD)
-
-    @property
-    def is_send(self) -> bool:
-        return self in (Op.SEND_ACT, Op.SEND_GRAD)
-
-    @property
-    def is_recv(self) -> bool:
-        return self in (Op.RECV_ACT, Op.RECV_GRAD)
-
-
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """One step of one pipeline rank.
-
-    Args:
-        op: What to do.
-        stage: Global stage index, ``0 <= stage < num_stages``.
-        microbatch: Microbatch index.
-        peer: For communication ops, the pipeline rank on the other side; ``None`` for
-            compute ops.
-    """
-
-    op: Op
-    stage: int
-    microbatch: int
-    peer: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "op", Op(self.op))
-        for field in ("stage", "microbatch"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Action.{field} must be an int >= 0, got {value!r}")
-        if self.op.is_compute and self.peer is not None:
-            raise ValueError(f"{self}: compute actions run locally; leave peer=None")
-        if not self.op.is_compute and (not isinstance(self.peer, int) or self.peer < 0):
-            raise ValueError(f"{self}: a send or receive needs peer=<pipeline rank>, got {self.peer!r}")
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.op.value}{self.microbatch}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Per-rank action lists for one training (or inference) step.
-
-    Args:
-        name: Canonical schedule name, one of :data:`SCHEDULES` (free text for hand-made ones).
-        pp_size: Number of pipeline ranks ``p``.
-        num_microbatches: Number of microbatches ``m`` per step.
-        virtual_stages: Stages per rank ``v``; there are ``p * v`` stages.
-        forward_only: Whether only forwards run (validation, inference).
-        actions: ``actions[r]`` is rank ``r``'s actions in execution order, comm included.
-    """
-
-    name: str
-    pp_size: int
-    num_microbatches: int
-    virtual_stages: int
-    forward_only: bool
-    actions: Tuple[Tuple[Action, ...], ...]
-
-    def __post_init__(self) -> None:
-        _check_sizes(self.pp_size, self.num_microbatches, self.virtual_stages)
-        object.__setattr__(self, "actions", tuple(tuple(rank_actions) for rank_actions in self.actions))
-        if len(self.actions) != self.pp_size:
-            raise ValueError(
-                f"Schedule has action lists for {len(self.actions)} ranks but pp_size={self.pp_size}: "
-                "give exactly one list per pipeline rank"
-            )
-        for rank, rank_actions in enumerate(self.actions):
-            for action in rank_actions:
-                if not isinstance(action, Action):
-                    raise TypeError(f"rank {rank}: expected Action, got {action!r}")
-
-    @property
-    def num_stages(self) -> int:
-        """Total number of stages, ``pp_size * virtual_stages``."""
-        return self.pp_size * self.virtual_stages
-
-    def stage_to_rank(self, stage: int) -> int:
-        """Pipeline rank that holds ``stage`` (looping placement: ``stage % pp_size``)."""
-        if not 0 <= stage < self.num_stages:
-            raise ValueError(f"stage {stage} out of range: this schedule has stages 0..{self.num_stages - 1}")
-        return stage % self.pp_size
-
-    def stages_of_rank(self, rank: int) -> Tuple[int, ...]:
-        """Stages held by pipeline ``rank``, in pipeline order."""
-        if not 0 <= rank < self.pp_size:
-            raise ValueError(f"rank {rank} out of range: this schedule has pipeline ranks 0..{self.pp_size - 1}")
-        return tuple(range(rank, self.num_stages, self.pp_size))
-
-    def format(self) -> str:
-        """One line per rank: ``rank 0: 0F0 0SEND_F0 ...``."""
-        return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
-
-
-def _check_sizes(pp_size: int, num_microbatches: int, virtual_stages: int) -> None:
-    for name, value, hint in (
-        ("pp_size", pp_size, "the number of pipeline ranks"),
-        ("num_microbatches", num_microbatches, "how many pieces each batch is split into"),
-        ("virtual_stages", virtual_stages, "stages per rank; 1 unless interleaving"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int ({hint}), got {value!r}")
-
-
 def normalise_schedule_name(name: str) -> str:
     """The canonical name of a schedule (``"1F1B"``, ``"interleaved_1f1b"`` -> ``"1f1b"``, ``"interleaved1f1b"``)."""
     key = str(name).lower().replace("_", "").replace("-", "").replace(" ", "")
     if key not in SCHEDULES:
         raise ValueError(
-            f"Unknown pipeline schedule {name!r}. Choose one of: {', '.join(SCHEDULES)} (any case; '_' and '-' ignored)."
+            f"Unknown pipeline schedule {name!r}. Choose one of: {', '.join(SCHEDULES)} "
+            "(any case; '_' and '-' ignored)."
         )
     return key
 
@@ -220,7 +112,7 @@ def build_schedule(
             made a schedule that fails :func:`validate_schedule`.
     """
     key = normalise_schedule_name(name)
-    _check_sizes(pp_size, num_microbatches, virtual_stages)
+    check_sizes(pp_size, num_microbatches, virtual_stages)
     if key == "interleaved1f1b" and virtual_stages < 2:
         raise ValueError(
             f"interleaved1f1b needs virtual_stages >= 2, got {virtual_stages}: "
@@ -235,7 +127,8 @@ def build_schedule(
         _compute_order(key, pp_size, num_microbatches, virtual_stages, rank, forward_only)
         for rank in range(pp_size)
     ]
-    schedule = lower(Schedule(key, pp_size, num_microbatches, virtual_stages, forward_only, tuple(orders)))
+    actions = tuple(tuple(order) for order in orders)
+    schedule = lower(Schedule(key, pp_size, num_microbatches, virtual_stages, forward_only, actions))
     validate_schedule(schedule)
     return schedule
 
@@ -337,8 +230,8 @@ def lower(schedule: Schedule, *, parity: bool = True) -> Schedule:
                 slot = bisect.bisect_left(starts, t)
                 slots[min(slot, j) if comm.op.is_recv else max(slot, j + 1)].append((key, comm))
         out: List[Action] = []
-        for j, slot in enumerate(slots):
-            out += [comm for _, comm in sorted(slot, key=lambda item: item[0])]
+        for j, slot_comms in enumerate(slots):
+            out += [comm for _, comm in sorted(slot_comms, key=lambda item: item[0])]
             out += compute[j : j + 1]
         lowered.append(tuple(out))
     return dataclasses.replace(schedule, actions=tuple(lowered))
@@ -454,20 +347,3 @@ def _message_instants(
                     t = common_free(sender, receiver, ready, needed)
                 instants[_key_of(comm)] = needed if t is None else t
     return instants
-
-
-# The checking and timing half lives in schedule_sim.py (it only looks at the data
-# model above); its public names are re-exported lazily so callers need one import.
-def validate_schedule(schedule: Schedule) -> None:
-    """Checks ``schedule`` and replays it with blocking sends; see :mod:`lightning_pp.schedule_sim`."""
-    from lightning_pp.schedule_sim import validate_schedule as _validate
-
-    _validate(schedule)
-
-
-def __getattr__(name: str) -> Any:
-    from lightning_pp import schedule_sim
-
-    if name in schedule_sim.__all__:
-        return getattr(schedule_sim, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

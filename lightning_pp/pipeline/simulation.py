@@ -18,7 +18,13 @@ from __future__ import annotations
 import collections
 from typing import Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from lightning_pp.schedules import Action, Op, Schedule, ScheduleError, _check_sizes
+from lightning_pp.pipeline.actions import (
+    Action,
+    Op,
+    Schedule,
+    ScheduleError,
+    check_sizes,
+)
 
 __all__ = [
     "TimedAction",
@@ -320,7 +326,7 @@ def ideal_bubble_fraction(pp_size: int, num_microbatches: int, virtual_stages: i
     This is idle time over total time, with a stage's work split evenly over its
     ``v`` chunks; for interleaving it is exact when ``m`` is a multiple of ``p``.
     """
-    _check_sizes(pp_size, num_microbatches, virtual_stages)
+    check_sizes(pp_size, num_microbatches, virtual_stages)
     return (pp_size - 1) / (virtual_stages * num_microbatches + pp_size - 1)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from lightning_pp.split import plan_stage_split
+from lightning_pp.pipeline.split import plan_stage_split
 
 __all__ = [
     "PipelinedSequential",
@@ -156,11 +156,12 @@ class _Handler(nn.Module):
 
 def capture_sequential_input(module: nn.Module, attr: str, batch: Any, hook: str = "training_step") -> Any:
     """The input ``module.<hook>(batch, 0)`` passes to its Sequential ``attr``, without running the Sequential."""
-    from lightning_pp.engine import run_step_to_first_stage
+    from lightning_pp.pipeline.executor import run_step_to_first_stage
 
     original = getattr(module, attr)
     # Logging is not possible outside a Lightning hook; anything logged before the call is dropped.
-    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    # ignore: typed as nn.Module, whose attributes mypy sees as Tensor | Module (log is LightningModule's).
+    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     def run(handler: Callable[[Any], Any]) -> Any:
         setattr(module, attr, _Handler(handler))

@@ -11,36 +11,39 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from lightning_pp.tree import tree_map
+
 __all__ = ["LogRecorder", "concat_outputs", "extract_loss", "weighted_mean"]
 
 
 def weighted_mean(values: Sequence[Any], weights: Sequence[float]) -> Any:
-    """``sum(w * v)``, for tensors (kept in their dtype and device), numbers, or dicts of them.
+    """``sum(w * v)`` at every leaf: tensors (kept in their dtype and device) and numbers, nested in dicts or sequences.
 
     Values that cannot be averaged (strings, integer tensors, ...) are taken from the
     last microbatch, as Lightning itself keeps the last value logged in a step.
     """
-    first = values[0]
-    if isinstance(first, Mapping):
-        return type(first)((key, weighted_mean([v[key] for v in values], weights)) for key in first)
-    if isinstance(first, torch.Tensor) and (first.is_floating_point() or first.is_complex()):
-        total = sum(v.detach().double() * w for v, w in zip(values, weights))
-        return total.to(first.dtype)
-    if isinstance(first, (float, int)) and not isinstance(first, bool):
-        return float(sum(float(v) * w for v, w in zip(values, weights)))
-    return values[-1]
+
+    def mean(first: Any, *rest: Any) -> Any:
+        leaves = (first, *rest)
+        if isinstance(first, torch.Tensor) and (first.is_floating_point() or first.is_complex()):
+            total = sum(v.detach().double() * w for v, w in zip(leaves, weights))
+            return total.to(first.dtype)
+        if isinstance(first, (float, int)) and not isinstance(first, bool):
+            return float(sum(float(v) * w for v, w in zip(leaves, weights)))
+        return leaves[-1]
+
+    return tree_map(mean, values[0], *values[1:])
 
 
 def concat_outputs(outputs: Sequence[Any]) -> Any:
     """Concatenates microbatch outputs along dim 0, through tuples, lists and dicts."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(outputs), dim=0) if first.dim() > 0 else first
-    if isinstance(first, Mapping):
-        return type(first)((key, concat_outputs([o[key] for o in outputs])) for key in first)
-    if isinstance(first, (tuple, list)):
-        return type(first)(concat_outputs([o[i] for o in outputs]) for i in range(len(first)))
-    return list(outputs)
+
+    def concat(first: Any, *rest: Any) -> Any:
+        if isinstance(first, torch.Tensor):
+            return torch.cat([first, *rest], dim=0) if first.dim() > 0 else first
+        return [first, *rest]
+
+    return tree_map(concat, outputs[0], *outputs[1:])
 
 
 def extract_loss(step_output: Any) -> torch.Tensor:

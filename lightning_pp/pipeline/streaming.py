@@ -37,7 +37,7 @@ price is ``p - 1`` more ticks of fill, once per run. The exchange order is the
 same parity order, walked by one thread per rank, so the deadlock argument holds.
 
 This module knows nothing of Lightning: :class:`StreamingPipeline` takes the
-rank's stage, a :class:`~lightning_pp.p2p.PipeComm` and three callbacks.
+rank's stage, a :class:`~lightning_pp.distributed.p2p.PipeComm` and three callbacks.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_pp.p2p import PayloadError, PipeComm, flatten_payload
+from lightning_pp.distributed.errors import PayloadError
+from lightning_pp.distributed.p2p import PipeComm, flatten_payload
+from lightning_pp.tree import map_tensors
 
 __all__ = ["RingDeadlock", "StreamingPipeline", "Transfer", "replay_ring", "ring_exchange"]
 
@@ -166,7 +168,7 @@ def _encode_result(result: Any) -> Any:
         flatten_payload(result)
         return (torch.tensor(0), result)
     except PayloadError:
-        data = pickle.dumps(_to_cpu(result))
+        data = pickle.dumps(map_tensors(torch.Tensor.cpu, result))
         return (torch.tensor(1), torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
@@ -175,16 +177,6 @@ def _decode_result(payload: Any) -> Any:
     if int(flag.item()) == 0:
         return body
     return pickle.loads(body.cpu().numpy().tobytes())
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 class StreamingPipeline:
@@ -347,20 +339,25 @@ class StreamingPipeline:
                     return
 
     def _exchange(self, tick: int, transfers: tuple[Transfer, ...], output: Any) -> None:
-        assert self.comm is not None or not transfers
+        comm = self.comm
         for transfer in transfers:
+            if comm is None:
+                raise RuntimeError(
+                    f"pipeline rank {self.pp_rank} has a ring transfer to run but no PipeComm "
+                    "(comm may be None only when pp_size == 1)."
+                )
             g = transfer.microbatch
             if transfer.op == "send" and transfer.what == "activation":
-                self.comm.send(output, transfer.peer, where=f"the output of pipeline stage {self.pp_rank}")
+                comm.send(output, transfer.peer, where=f"the output of pipeline stage {self.pp_rank}")
             elif transfer.op == "send":
-                self.comm.send(_encode_result(output), transfer.peer, where="a prediction")
+                comm.send(_encode_result(output), transfer.peer, where="a prediction")
             elif transfer.what == "activation":
-                received = self.comm.recv(transfer.peer)
+                received = comm.recv(transfer.peer)
                 with self._cond:
                     self._inputs[g] = received
                     self._cond.notify_all()
             else:
-                self.on_result(g, _decode_result(self.comm.recv(transfer.peer)))
+                self.on_result(g, _decode_result(comm.recv(transfer.peer)))
         with self._cond:
             self._exchanged = tick
             self._cond.notify_all()

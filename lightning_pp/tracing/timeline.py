@@ -6,8 +6,8 @@ idle gaps left blank. The title gives the bubble fraction against the ideal
 ``(p - 1) / (v m + p - 1)``. matplotlib is optional (``pip install lightning_pp[plot]``)
 and imported only here, only when drawing.
 
-    from lightning_pp.schedules import build_schedule
-    from lightning_pp.timeline import draw_schedule
+    from lightning_pp.pipeline.schedules import build_schedule
+    from lightning_pp.tracing.timeline import draw_schedule
     draw_schedule(build_schedule("1f1b", 4, 8), "1f1b.png")   # nothing runs
 """
 
@@ -15,8 +15,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from lightning_pp.schedule_sim import TimedAction, bubble_fraction, ideal_bubble_fraction, simulate
-from lightning_pp.schedules import Op, Schedule
+from lightning_pp.pipeline.schedules import Op, Schedule
+from lightning_pp.pipeline.simulation import (
+    TimedAction,
+    bubble_fraction,
+    ideal_bubble_fraction,
+    simulate,
+)
 
 __all__ = ["draw_schedule", "draw_timeline"]
 

@@ -1,38 +1,29 @@
 """Recording what each rank did and when, and writing it as a Chrome/Perfetto trace.
 
-A :class:`TraceRecorder` lives on every rank. The executor hands it each action
-it ran with start and end times; other code may add spans (``"wait"`` for time
-spent blocked outside a send or receive). Recording is off outside the chosen
-window of steps, and then costs one attribute test per action.
-
-After the window, the ranks' events are gathered and written as one JSON file that
-``chrome://tracing`` and https://ui.perfetto.dev open: one track per rank, events
-named like the schedule's actions (``F s1 mb3``, ``SEND_F s1 mb3``), with the
+Every rank's :class:`~lightning_pp.pipeline.recorder.TraceRecorder` collects the
+actions it ran during a window of steps. After the window, the ranks' events are gathered and
+written as one JSON file that ``chrome://tracing`` and https://ui.perfetto.dev open: one track
+per rank, events named like the schedule's actions (``F s1 mb3``, ``SEND_F s1 mb3``), with the
 step, stage and microbatch in their arguments.
-
-Clocks: each rank measures with ``time.perf_counter`` from an origin taken right
-after a barrier, so ranks on one machine line up to within the barrier's exit skew.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
-from lightning_pp.schedule_sim import TimedAction, bubble_fraction
-from lightning_pp.schedules import Action, Op
+from lightning_pp.pipeline.actions import Action, Op
+from lightning_pp.pipeline.recorder import TraceEvent, TraceRecorder
+from lightning_pp.pipeline.simulation import TimedAction, bubble_fraction
 
 __all__ = [
     "StepTracer",
-    "TraceEvent",
     "TraceOptions",
-    "TraceRecorder",
     "events_to_timeline",
     "measured_bubble",
     "write_chrome_trace",
@@ -56,82 +47,6 @@ class TraceOptions:
     def __post_init__(self) -> None:
         if not self.steps or min(self.steps) < 0:
             raise ValueError(f"TraceOptions.steps must name at least one step >= 0, got {self.steps}.")
-
-
-@dataclass(frozen=True)
-class TraceEvent:
-    """One span of one rank's work, times in seconds from the rank's trace origin."""
-
-    rank: int
-    pp_rank: int
-    step: int
-    kind: str
-    stage: int
-    microbatch: int
-    start: float
-    end: float
-    peer: int = -1
-
-    @property
-    def name(self) -> str:
-        if self.microbatch < 0:
-            return self.kind
-        return f"{self.kind} s{self.stage} mb{self.microbatch}"
-
-
-class TraceRecorder:
-    """Collects :class:`TraceEvent` s on one rank for the steps in ``steps``.
-
-    Args:
-        rank: this process's global rank.
-        pp_rank: its position in the pipeline.
-        steps: the step indices to record (e.g. ``range(2, 4)``); others are skipped.
-    """
-
-    def __init__(self, rank: int, pp_rank: int, steps: Iterable[int]) -> None:
-        self.rank = rank
-        self.pp_rank = pp_rank
-        self.steps = frozenset(steps)
-        self.events: list[TraceEvent] = []
-        self.active = False
-        self.step = -1
-        self._origin = time.perf_counter()
-
-    def reset_clock(self) -> None:
-        """Takes the time origin; call right after a barrier on every rank."""
-        self._origin = time.perf_counter()
-
-    def begin_step(self, step: int) -> bool:
-        """Starts recording if ``step`` is in the window; returns whether it is."""
-        self.step = step
-        self.active = step in self.steps
-        return self.active
-
-    def end_step(self) -> None:
-        self.active = False
-
-    @property
-    def done(self) -> bool:
-        """Whether the window has passed (nothing more will be recorded)."""
-        return bool(self.steps) and self.step >= max(self.steps)
-
-    def now(self) -> float:
-        return time.perf_counter() - self._origin
-
-    def record(self, action: Action, start: float, end: float) -> None:
-        """Adds an executed schedule action (times from :meth:`now`)."""
-        if self.active:
-            self.events.append(
-                TraceEvent(
-                    self.rank, self.pp_rank, self.step, action.op.value, action.stage, action.microbatch, start, end,
-                    -1 if action.peer is None else action.peer,
-                )
-            )
-
-    def add_span(self, kind: str, start: float, end: float, stage: int = -1, microbatch: int = -1) -> None:
-        """Adds a span that is not a schedule action (``"wait"``, ``"step"``)."""
-        if self.active:
-            self.events.append(TraceEvent(self.rank, self.pp_rank, self.step, kind, stage, microbatch, start, end))
 
 
 def write_chrome_trace(events: Sequence[TraceEvent], path: str, *, metadata: Optional[dict[str, Any]] = None) -> None:
@@ -159,7 +74,7 @@ def write_chrome_trace(events: Sequence[TraceEvent], path: str, *, metadata: Opt
 
 
 def events_to_timeline(events: Sequence[TraceEvent], step: int) -> list[list[TimedAction]]:
-    """One step's schedule actions as :func:`~lightning_pp.schedule_sim.simulate`-style timelines."""
+    """One step's schedule actions as :func:`~lightning_pp.pipeline.simulation.simulate`-style timelines."""
     ops = {op.value: op for op in Op}
     ranks = sorted({e.pp_rank for e in events if e.step == step})
     timeline: list[list[TimedAction]] = [[] for _ in ranks]
@@ -218,8 +133,8 @@ class StepTracer:
         write_chrome_trace(events, path, metadata=describe)
         self.written = path
         if self.options.png:
-            from lightning_pp.schedule_sim import ideal_bubble_fraction
-            from lightning_pp.timeline import draw_timeline
+            from lightning_pp.pipeline.simulation import ideal_bubble_fraction
+            from lightning_pp.tracing.timeline import draw_timeline
 
             first_replica = [e for e in events if e.rank < self.pp_size]
             title = (

@@ -24,7 +24,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from models import LitLM, make_loader, trainer_kwargs
+from lit_models import LitLM, make_loader, trainer_kwargs
 from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -136,12 +136,12 @@ def _merged(results) -> dict[str, torch.Tensor]:
 def _assert_states_equal(actual, expected):
     assert sorted(actual) == sorted(expected)
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], value, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_save_holds_every_stage_and_consolidates_to_the_one_device_checkpoint(saved, reference):
     from lightning_pp import consolidate_checkpoint
-    from lightning_pp.checkpoint import is_sharded_checkpoint
+    from lightning_pp.checkpoint.sharded import is_sharded_checkpoint
 
     directory, results = saved
     epoch1 = reference["epoch1"]

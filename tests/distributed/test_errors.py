@@ -1,4 +1,4 @@
-"""Named errors for collectives (``lightning_pp.collective_errors``).
+"""Named errors for collectives (``lightning_pp.distributed.errors``).
 
 Pure message tests first; then real gloo jobs, each rank its own process, in which
 a rank dies or stalls just before a collective: the survivor must fail in bounded
@@ -20,10 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from lightning_pp.collective_errors import CollectiveError, describe_collective_failure, named_failures
-from lightning_pp.p2p import PipeCommError
+from lightning_pp.distributed.errors import (
+    CollectiveError,
+    describe_collective_failure,
+    named_failures,
+)
+from lightning_pp.distributed.p2p import PipeCommError
 
-JOB = Path(__file__).with_name("collective_job.py")
+JOB = Path(__file__).parents[1] / "collective_job.py"
 
 GLOO_LOST = (
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33185. "

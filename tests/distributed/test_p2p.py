@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_pp.distributed.p2p import PipeComm
+
 from blocking import RendezvousTransport
 from multirank import run_on_ranks
-
-from lightning_pp.p2p import PipeComm
 
 
 def _payloads() -> list:

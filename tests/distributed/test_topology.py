@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_pp.topology import (
-    replica_groups,
+from lightning_pp.distributed.topology import (
     AXES,
     MeshShape,
     ParallelGroup,
@@ -20,7 +19,9 @@ from lightning_pp.topology import (
     group_rank_of,
     mlp_tp_groups,
     rank_of,
+    replica_groups,
 )
+
 from multirank import run_on_ranks
 
 # (shape, axis or derived group, expected groups): written out by hand from

@@ -16,11 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from blocking import RendezvousTransport
-from models import trainer_kwargs
-from multirank import run_on_ranks
-
-from lightning_pp.chunking import (
+from lightning_pp.generation.chunking import (
     ChunkPlanner,
     FitError,
     LatencyModel,
@@ -30,8 +26,16 @@ from lightning_pp.chunking import (
     profile_latency,
     share_latency_model,
 )
-from lightning_pp.generation_module import GenerationModule, PromptDataset, collate_prompts
+from lightning_pp.integration.generation_module import (
+    GenerationModule,
+    PromptDataset,
+    collate_prompts,
+)
 from lightning_pp.models.llama import DecoderConfig, DecoderLM
+
+from blocking import RendezvousTransport
+from lit_models import trainer_kwargs
+from multirank import run_on_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +78,9 @@ def checkpoint(tmp_path_factory):
 
 
 # -- the decoder against transformers ---------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "num_key_value_heads": 4, "rope_theta": 500.0}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"tie_word_embeddings": True, "num_key_value_heads": 4, "rope_theta": 500.0}]
+)
 def test_logits_equal_transformers(tmp_path, overrides):
     hf = _save_random_llama(tmp_path, seed=1, **overrides)
     lm = DecoderLM.from_pretrained(tmp_path)
@@ -246,14 +252,19 @@ class _RecordingPlatform:
 
 
 def test_token_ids_cross_to_the_device_only_when_launched_and_profiler_uses_the_same_step(checkpoint):
-    from lightning_pp.generation import PipelineGenerator, StageContext, init_chunk_planner
+    from lightning_pp.generation.engine import (
+        PipelineGenerator,
+        StageContext,
+        init_chunk_planner,
+    )
 
     platform = _RecordingPlatform()
     module = GenerationModule(DecoderLM.from_pretrained(checkpoint[0]), eos_token_ids=())
     stage = StageContext(platform=platform)
     parts = module._parts(stage)
     prompts = [torch.tensor(p) for p in PROMPTS[:3]]
-    out = PipelineGenerator(parts, stage, max_new_tokens=2, planner=ChunkPlanner(4), num_microbatches=2).generate(prompts)
+    generator = PipelineGenerator(parts, stage, max_new_tokens=2, planner=ChunkPlanner(4), num_microbatches=2)
+    out = generator.generate(prompts)
     copied = [n for op, n in platform.calls if op == "to_device"]
     # step 0: both slots' first chunks (slot 0 holds prompts 0 and 2); then the rest, one forward at a time.
     assert copied[:2] == [4 + 4, 2] and sum(copied) == sum(len(p) for p in PROMPTS[:3]) + 3 * 1

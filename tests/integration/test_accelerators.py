@@ -11,11 +11,13 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_pp
-from fakes import FakeDeviceModule, install_fake_npu
+import lightning_pp.integration
 from lightning_pp import NPUAccelerator, XPUAccelerator
-from lightning_pp.accelerators.base import parse_device_indices
+from lightning_pp.integration import DeviceDDPStrategy, FabricDeviceDDPStrategy
+from lightning_pp.integration.accelerators.base import parse_device_indices
 from lightning_pp.platform import make_platform, use_platform
-from lightning_pp.strategies import DeviceDDPStrategy, FabricDeviceDDPStrategy
+
+from fakes import FakeDeviceModule, install_fake_npu
 from multirank import run_on_ranks
 
 TRAINER_KW = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -32,8 +34,9 @@ def test_registered_in_trainer_and_fabric_registries_idempotently():
     for registry in (AcceleratorRegistry, ACCELERATOR_REGISTRY):
         assert registry["xpu"]["accelerator"] is XPUAccelerator
         assert registry["npu"]["accelerator"] is NPUAccelerator
-    lightning_pp._register()
+    lightning_pp.integration.register()
     importlib.reload(lightning_pp)  # re-import must not raise "already present"
+    importlib.reload(lightning_pp.integration)
     assert AcceleratorRegistry["xpu"]["accelerator"] is lightning_pp.XPUAccelerator
 
 
@@ -45,7 +48,9 @@ def test_missing_xpu_fails_at_once_naming_what_is_missing():
 
 
 def test_missing_npu_says_to_install_torch_npu():
-    with pytest.raises(MisconfigurationException, match=r"NPU is not usable here: torch_npu is not installed.*pip install"):
+    with pytest.raises(
+        MisconfigurationException, match=r"NPU is not usable here: torch_npu is not installed.*pip install"
+    ):
         L.Trainer(accelerator="npu", **TRAINER_KW)
 
 
@@ -97,7 +102,7 @@ def test_device_ddp_sets_up_the_model_on_the_platform_stream(fake_xpu, monkeypat
         seen["device_ids"] = device_ids
         return module
 
-    monkeypatch.setattr("lightning_pp.strategies.device_ddp.DistributedDataParallel", fake_ddp)
+    monkeypatch.setattr("lightning_pp.integration.device_ddp.DistributedDataParallel", fake_ddp)
     trainer = L.Trainer(accelerator="xpu", devices=[3, 1], **TRAINER_KW)
     strategy = trainer.strategy
     assert strategy.root_device == torch.device("xpu", 3)
@@ -122,7 +127,9 @@ def test_parse_device_indices(devices, count, expected):
     assert parse_device_indices(devices, count, "XPU") == expected
 
 
-@pytest.mark.parametrize("devices, match", [(3, "has 2 XPU"), ([0, 5], "has 2 XPU"), (0, "asks for no"), ([1, 1], "distinct")])
+@pytest.mark.parametrize(
+    "devices, match", [(3, "has 2 XPU"), ([0, 5], "has 2 XPU"), (0, "asks for no"), ([1, 1], "distinct")]
+)
 def test_parse_device_indices_rejects(devices, match):
     with pytest.raises(MisconfigurationException, match=match):
         parse_device_indices(devices, 2, "XPU")

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_pp import PPStrategy
-from lightning_pp.pipeline_module import find_pipelined_sequential
-from models import LitLM, make_loader, trainer_kwargs
+from lightning_pp.pipeline.stage import find_pipelined_sequential
+
+from lit_models import LitLM, make_loader, trainer_kwargs
 from multirank import RankFailure, run_on_ranks
 
 
@@ -160,7 +161,7 @@ def test_errors_one_stage_sees_end_the_job(model_name, failing_rank, match):
 
 
 def _found_inf_after_unscale(rank, world_size):
-    from lightning_pp.gradients import sync_found_inf
+    from lightning_pp.parallel.gradients import sync_found_inf
 
     param = nn.Parameter(torch.ones(2))
     param.grad = torch.tensor([1.0, float("inf") if rank == 1 else 1.0])
@@ -179,7 +180,7 @@ def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage():
 
 
 def test_a_model_split_for_one_layout_is_not_reused_under_another():
-    from lightning_pp.pipeline_module import partition_module
+    from lightning_pp.pipeline.stage import partition_module
 
     model = LitLM()
     partition_module(model, name=None, num_stages=2, local_stages=[0])

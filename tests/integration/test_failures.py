@@ -23,7 +23,7 @@ from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
 
-JOB = Path(__file__).with_name("pp_job.py")
+JOB = Path(__file__).parents[1] / "pp_job.py"
 
 
 def _start(out: Path, *args: str) -> subprocess.Popen:
@@ -151,9 +151,9 @@ def test_a_replica_lost_before_the_gradient_all_reduce_is_named(tmp_path):
 
 
 def _silent_peer(rank, world_size):
-    from lightning_pp.p2p import PipeComm, PipeCommError
-
     import torch.distributed as dist
+
+    from lightning_pp.distributed.p2p import PipeComm, PipeCommError
 
     comm = PipeComm(dist.group.WORLD, torch.device("cpu"), timeout=timedelta(seconds=1))
     if rank == 0:

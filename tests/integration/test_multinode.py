@@ -34,12 +34,12 @@ import lightning as L
 import pytest
 import torch
 
-from models import LitLM, make_loader, trainer_kwargs
+from lit_models import LitLM, make_loader, trainer_kwargs
 from multirank import free_port
 
 pytestmark = pytest.mark.slow
 
-JOB = Path(__file__).with_name("pp_job.py")
+JOB = Path(__file__).parents[1] / "pp_job.py"
 
 
 def _two_nodes(out: Path, *job_args: str, limit: float = 120.0) -> tuple[list[int], list[float], str]:
@@ -117,7 +117,7 @@ def test_pipeline_across_two_torchrun_nodes_saves_and_resumes(tmp_path):
     saved = consolidate_checkpoint(checkpoint)["state_dict"]
     assert sorted(saved) == sorted(epoch_one)
     for name, value in epoch_one.items():
-        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
     codes, _, logs = _two_nodes(second, "--resume", str(checkpoint), "--epochs", "2")
     assert codes == [0, 0], logs

@@ -15,12 +15,20 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from blocking import RendezvousTransport
-from models import LitLM, TokenData, make_loader, trainer_kwargs
-from multirank import run_on_ranks
+from lightning_pp.integration.predict_stream import (
+    PredictFeed,
+    gather_replica_predictions,
+)
+from lightning_pp.pipeline.streaming import (
+    RingDeadlock,
+    Transfer,
+    replay_ring,
+    ring_exchange,
+)
 
-from lightning_pp.inference import RingDeadlock, Transfer, replay_ring, ring_exchange
-from lightning_pp.prediction import PredictFeed, gather_replica_predictions
+from blocking import RendezvousTransport
+from lit_models import LitLM, TokenData, make_loader, trainer_kwargs
+from multirank import run_on_ranks
 
 
 # -- pure logic --------------------------------------------------------------------------------
@@ -117,7 +125,7 @@ class _Pipelined(torch.nn.Module):
 
 
 def test_inputs_stay_on_the_host_until_their_microbatch_launches():
-    from lightning_pp.prediction import PredictStream
+    from lightning_pp.integration.predict_stream import PredictStream
 
     platform = _RecordingPlatform()
     stage, pipelined = torch.nn.Linear(3, 2), _Pipelined()

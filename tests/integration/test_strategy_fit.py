@@ -14,11 +14,11 @@ import lightning as L
 import pytest
 import torch
 
-from blocking import RendezvousTransport
-from models import LitLM, make_loader, trainer_kwargs
-from multirank import run_on_ranks
+from lightning_pp.distributed.topology import MeshShape, RankCoords, rank_of
 
-from lightning_pp.topology import MeshShape, RankCoords, rank_of
+from blocking import RendezvousTransport
+from lit_models import LitLM, make_loader, trainer_kwargs
+from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def _check(results: list[dict], ref: dict, rtol: float = 1e-5, atol: float = 1e-
     torch.testing.assert_close(results[0]["val"], ref["val"], rtol=rtol, atol=atol)
     assert sorted(merged) == sorted(ref["state"]), "the stages together must hold every parameter"
     for name, value in ref["state"].items():
-        torch.testing.assert_close(merged[name], value, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(merged[name], value, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 CASES = {

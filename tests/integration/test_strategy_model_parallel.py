@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import trainer_kwargs
-from multirank import run_on_ranks
-
-from lightning_pp.comm import gather_tokens, split_token_counts
+from lightning_pp.distributed.collectives import gather_tokens, split_token_counts
+from lightning_pp.distributed.topology import ParallelGroup
 from lightning_pp.models import BlockConfig, BlockGroups, TPTransformerBlock
-from lightning_pp.parallel_layers import RMSNorm
-from lightning_pp.topology import ParallelGroup
+from lightning_pp.parallel.layers import RMSNorm
+
+from lit_models import trainer_kwargs
+from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,8 @@ def _run(devices: int, strategy, clip) -> dict:
 
 
 def _parallel_rank(rank: int, world_size: int, cfg: dict) -> dict:
-    from lightning_pp import PPStrategy, model_parallel
+    from lightning_pp import PPStrategy
+    from lightning_pp.parallel import model_parallel
 
     calls = []
     real = model_parallel.pre_initialize_allreduce_fusion
@@ -209,8 +210,8 @@ def test_model_parallel_stages_match_one_device(cfg, reference):
 
 
 def _norm_share_on_rank(rank: int, world_size: int) -> dict:
-    from lightning_pp.model_parallel import counts_once
-    from lightning_pp.topology import MeshShape, build_topology
+    from lightning_pp.distributed.topology import MeshShape, build_topology
+    from lightning_pp.parallel.model_parallel import counts_once
 
     topology = build_topology(MeshShape(cp=2, tp=2), device_type="cpu")
     torch.manual_seed(0)
@@ -254,7 +255,7 @@ def test_bad_model_parallel_layouts_say_what_to_change(kwargs, world, match):
 
 def test_mesh_shape_from_sizes():
     from lightning_pp import PPStrategy
-    from lightning_pp.topology import MeshShape
+    from lightning_pp.distributed.topology import MeshShape
 
     assert PPStrategy(tensor_parallel_size=2)._check_layout(8) == MeshShape(pp=4, dp=1, cp=1, tp=2)
     assert PPStrategy(2, tensor_parallel_size=2)._check_layout(8) == MeshShape(pp=2, dp=2, cp=1, tp=2)

@@ -7,11 +7,11 @@ import time
 
 import lightning as L
 import pytest
-import torch
 from torch import nn
 
-from lightning_pp.schedules import build_schedule
-from models import Block, LitLM, make_loader, trainer_kwargs
+from lightning_pp.pipeline.schedules import build_schedule
+
+from lit_models import Block, LitLM, make_loader, trainer_kwargs
 from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 def _traced_fit(rank, world_size, trace_dir):
     from lightning_pp import PPStrategy
-    from lightning_pp.trace import TraceOptions
+    from lightning_pp.tracing.trace import TraceOptions
 
     L.seed_everything(0)
     strategy = PPStrategy(num_microbatches=4, trace=TraceOptions(trace_dir, steps=(1, 2), png=HAVE_MATPLOTLIB))

@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_pp.writer import StreamingPredictionWriter, read_predictions, rows_of, written_indices
+from lightning_pp.integration.writer import (
+    StreamingPredictionWriter,
+    read_predictions,
+    rows_of,
+    written_indices,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "stream_predict.py"
 
 

@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lightning_pp.comm import split_token_counts, token_offsets
-from lightning_pp.dp_attention import gather_batch_info, make_idle_batch
+from lightning_pp.distributed.collectives import split_token_counts, token_offsets
+from lightning_pp.distributed.topology import MeshShape, ParallelGroup, build_topology
 from lightning_pp.models import BlockConfig, BlockGroups, TPTransformerBlock
-from lightning_pp.topology import MeshShape, ParallelGroup, build_topology
+from lightning_pp.parallel.dp_attention import gather_batch_info, make_idle_batch
+
 from multirank import run_on_ranks
 
 CONFIG = dict(hidden_size=32, num_heads=4, ffn_hidden_size=64, eps=1e-6)
@@ -251,9 +252,9 @@ def _idle_on_rank(rank: int, world_size: int) -> dict:
         # Record every collective this rank issues during the forward.
         log, originals = [], {name: getattr(dist, name) for name in _RECORDED}
         for name, fn in originals.items():
-            def recording(*args, _name=name, _fn=fn, **kwargs):
+            def recording(*args, _name=name, _fn=fn, _log=log, **kwargs):
                 group = kwargs.get("group")
-                log.append((_name, dist.get_world_size(group) if group is not None else dist.get_world_size()))
+                _log.append((_name, dist.get_world_size(group) if group is not None else dist.get_world_size()))
                 return _fn(*args, **kwargs)
 
             setattr(dist, name, recording)
@@ -275,7 +276,7 @@ def test_idle_batches_join_every_collective_and_do_not_change_results():
     results = run_on_ranks(_idle_on_rank, 4, timeout=90)
     config = BlockConfig(**CONFIG, attention_mode="data")
     w = full_weights(config)
-    for label, (shape, batch_tokens) in IDLE_CASES.items():
+    for label, (_shape, batch_tokens) in IDLE_CASES.items():
         busy = [r for r in results if batch_tokens[r[label]["cp_rank"]] > 0]
         idle = [r for r in results if batch_tokens[r[label]["cp_rank"]] == 0]
         assert len(busy) == 2 and len(idle) == 2

@@ -7,8 +7,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_pp.dp_attention import gather_batch_info, make_idle_batch, plan_padding
-from lightning_pp.topology import MeshShape, ParallelGroup, build_topology
+from lightning_pp.distributed.topology import MeshShape, ParallelGroup, build_topology
+from lightning_pp.parallel.dp_attention import (
+    gather_batch_info,
+    make_idle_batch,
+    plan_padding,
+)
+
 from multirank import run_on_ranks
 
 # (global_num_tokens, dp_rank, attn_tp_size, pad_mode) -> (need_idle_batch, padded_num_tokens, should_run)

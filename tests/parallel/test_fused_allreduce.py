@@ -12,15 +12,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_pp.comm import (
+from lightning_pp.distributed.topology import MeshShape, ParallelGroup, build_topology
+from lightning_pp.parallel import (
     allreduce_add_rmsnorm,
     destroy_allreduce_fusion_workspaces,
+    flashinfer_fusion,
     pre_initialize_allreduce_fusion,
 )
-from lightning_pp.comm import flashinfer_fusion
-from lightning_pp.comm.flashinfer_fusion import choose_oneshot, make_comm_backend, unsupported_reason
+from lightning_pp.parallel.flashinfer_fusion import (
+    choose_oneshot,
+    make_comm_backend,
+    unsupported_reason,
+)
 from lightning_pp.platform import current_platform, use_platform
-from lightning_pp.topology import MeshShape, ParallelGroup, build_topology
+
 from multirank import run_on_ranks
 
 HIDDEN = 32
@@ -395,7 +400,7 @@ def _bcast_root_check(rank: int) -> list:
 
 def test_comm_backend_bcast_converts_group_root_to_global_rank(fake_kernel_results):
     results = [res["bcast_root"] for res in fake_kernel_results]
-    for rank, (members, got) in enumerate(results):
+    for _rank, (members, got) in enumerate(results):
         assert got[:2] == [("payload", members[0]), ("payload", members[1])]
     # Only the group (1, 3) lacks global rank 0: the group-rank-as-global bug shows there.
     assert results[1][1][2] != "parent bcast worked" and results[3][1][2] != "parent bcast worked"
@@ -433,7 +438,7 @@ def _real_kernel_on_rank(rank: int, world_size: int) -> list:
 )
 def test_flashinfer_kernel_matches_reference_on_gpu():
     results = run_on_ranks(_real_kernel_on_rank, 2, init_process_group=False, timeout=600)
-    for rank, res in enumerate(results):
+    for _rank, res in enumerate(results):
         assert res[0] == {"world": True}
         for n, normed, residual_out in res[1:]:
             xs = [_inputs(r, n, torch.bfloat16)[0] for r in range(2)]

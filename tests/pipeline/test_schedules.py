@@ -7,15 +7,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import pytest
 
-import lightning_pp.schedules as schedules_module
-from lightning_pp.schedule_sim import (
-    TimedAction,
-    bubble_fraction,
-    ideal_bubble_fraction,
-    peak_live_activations,
-    simulate,
-)
-from lightning_pp.schedules import (
+import lightning_pp.pipeline.schedules as schedules_module
+from lightning_pp.pipeline.schedules import (
     SCHEDULES,
     Action,
     Op,
@@ -24,6 +17,13 @@ from lightning_pp.schedules import (
     build_schedule,
     lower,
     validate_schedule,
+)
+from lightning_pp.pipeline.simulation import (
+    TimedAction,
+    bubble_fraction,
+    ideal_bubble_fraction,
+    peak_live_activations,
+    simulate,
 )
 
 F, B = Op.FORWARD, Op.BACKWARD
@@ -355,7 +355,11 @@ def test_schedule_placement():
 @pytest.mark.parametrize(
     "args,kwargs,message",
     [
-        (("zero-bubble", 2, 2), {}, "Unknown pipeline schedule 'zero-bubble'. Choose one of: gpipe, 1f1b, interleaved1f1b"),
+        (
+            ("zero-bubble", 2, 2),
+            {},
+            "Unknown pipeline schedule 'zero-bubble'. Choose one of: gpipe, 1f1b, interleaved1f1b",
+        ),
         (("1f1b", 0, 2), {}, r"pp_size must be a positive int \(the number of pipeline ranks\), got 0"),
         (("1f1b", 2, 0), {}, "num_microbatches must be a positive int"),
         (("1f1b", 2, 2.0), {}, "num_microbatches must be a positive int"),
@@ -371,7 +375,7 @@ def test_build_schedule_bad_input(args, kwargs, message):
 
 def test_public_names_resolve():
     namespace: Dict[str, object] = {}
-    exec("from lightning_pp.schedules import *", namespace)
+    exec("from lightning_pp.pipeline.schedules import *", namespace)
     assert set(schedules_module.__all__) <= set(namespace)
     assert schedules_module.simulate is simulate
     with pytest.raises(AttributeError):

@@ -9,10 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_pp.balance import balance_by_time, profile_layer_times
-from lightning_pp.schedule_sim import ideal_bubble_fraction, simulate
-from lightning_pp.schedules import build_schedule
-from lightning_pp.trace import TraceEvent, TraceRecorder, events_to_timeline, measured_bubble, write_chrome_trace
+from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
+from lightning_pp.pipeline.recorder import TraceEvent, TraceRecorder
+from lightning_pp.pipeline.schedules import build_schedule
+from lightning_pp.pipeline.simulation import ideal_bubble_fraction, simulate
+from lightning_pp.tracing.trace import (
+    events_to_timeline,
+    measured_bubble,
+    write_chrome_trace,
+)
 
 
 def _events_from_simulation(schedule):
@@ -56,13 +61,14 @@ def test_measured_bubble_of_an_ideal_run_is_the_ideal(name, p, m):
     events = _events_from_simulation(build_schedule(name, p, m))
     assert measured_bubble(events, step=0) == pytest.approx(ideal_bubble_fraction(p, m))
     assert [len(r) for r in events_to_timeline(events, 0)] == [
-        sum(e.rank == r and e.kind in ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B") for e in events) for r in range(p)
+        sum(e.rank == r and e.kind in ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B") for e in events)
+        for r in range(p)
     ]
 
 
 def test_schedules_are_drawn_without_running_anything(tmp_path):
     pytest.importorskip("matplotlib")
-    from lightning_pp.timeline import draw_schedule
+    from lightning_pp.tracing.timeline import draw_schedule
 
     for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved1f1b", 2)]:
         path = tmp_path / f"{name}.png"
@@ -70,9 +76,9 @@ def test_schedules_are_drawn_without_running_anything(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         assert 0 < bubble < 0.5
     # Interleaving shrinks the bubble it is drawn with.
-    assert draw_schedule(build_schedule("interleaved1f1b", 4, 8, virtual_stages=2), str(tmp_path / "i.png")) < draw_schedule(
-        build_schedule("1f1b", 4, 8), str(tmp_path / "o.png")
-    )
+    interleaved = draw_schedule(build_schedule("interleaved1f1b", 4, 8, virtual_stages=2), str(tmp_path / "i.png"))
+    plain = draw_schedule(build_schedule("1f1b", 4, 8), str(tmp_path / "o.png"))
+    assert interleaved < plain
 
 
 class _Slow(nn.Module):

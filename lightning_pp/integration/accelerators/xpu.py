@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_pp.accelerators.base import DeviceAccelerator
+from lightning_pp.integration.accelerators.base import DeviceAccelerator
 
 __all__ = ["XPUAccelerator"]
 
