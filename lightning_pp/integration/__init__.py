@@ -14,8 +14,14 @@ from lightning_pp.integration.device_ddp import (
     DeviceDDPStrategy,
     FabricDeviceDDPStrategy,
 )
+from lightning_pp.integration.generation_module import (
+    GenerationModule,
+    PromptDataset,
+    collate_prompts,
+)
 from lightning_pp.integration.registration import register
 from lightning_pp.integration.strategy import PPStrategy
+from lightning_pp.integration.writer import StreamingPredictionWriter, read_predictions
 
 __all__ = [
     "DeviceAccelerator",
