@@ -56,7 +56,7 @@ def main() -> None:
     here = Path(__file__).parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default=str(here / "data" / "prompts.txt"))
-    parser.add_argument("--out", default="out/generations.jsonl")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "out" / "generations.jsonl"))
     parser.add_argument("--model", default=None, help="local Hugging Face Llama directory (default: tiny random)")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=24)

@@ -9,7 +9,7 @@ functions, so all of them agree on what a container is and rebuild the same type
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -49,12 +49,16 @@ def _rebuild(kind: type, keys: Any, children: list[Any]) -> Any:
     return kind(children)
 
 
-def tree_flatten(tree: Any) -> tuple[TreeSpec, list[Any]]:
-    """The tree's leaves in depth-first order, and the spec that :func:`tree_unflatten` rebuilds it from."""
+def tree_flatten(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> tuple[TreeSpec, list[Any]]:
+    """The tree's leaves in depth-first order, and the spec that :func:`tree_unflatten` rebuilds it from.
+
+    ``is_leaf(node)`` may declare a container a leaf (kept whole), e.g. a list that
+    holds one value per row of a prediction.
+    """
     leaves: list[Any] = []
 
     def walk(node: Any) -> TreeSpec:
-        parts = _children(node)
+        parts = None if is_leaf is not None and is_leaf(node) else _children(node)
         if parts is None:
             leaves.append(node)
             return None
@@ -82,12 +86,15 @@ def tree_leaves(tree: Any) -> list[Any]:
     return tree_flatten(tree)[1]
 
 
-def leaf_paths(tree: Any) -> list[str]:
-    """A readable path for each leaf, in :func:`tree_leaves` order (``"[0]['x']"``; ``""`` for a bare leaf)."""
+def leaf_paths(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> list[str]:
+    """A readable path for each leaf, in :func:`tree_leaves` order (``"[0]['x']"``; ``""`` for a bare leaf).
+
+    ``is_leaf`` as for :func:`tree_flatten`.
+    """
     paths: list[str] = []
 
     def walk(node: Any, path: str) -> None:
-        parts = _children(node)
+        parts = None if is_leaf is not None and is_leaf(node) else _children(node)
         if parts is None:
             paths.append(path)
             return

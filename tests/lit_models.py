@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Block", "LitLM", "TokenData", "make_loader", "trainer_kwargs"]
+__all__ = ["Block", "LitLM", "TiedLM", "TokenData", "make_loader", "trainer_kwargs"]
 
 VOCAB, DIM = 32, 16
 
@@ -49,6 +49,15 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class TiedLM(LitLM):
+    """LitLM whose output head is its token embedding (``tie_word_embeddings``): first and last stage share it."""
+
+    def __init__(self, num_blocks: int = 4, **kwargs) -> None:
+        super().__init__(num_blocks, **kwargs)
+        self.layers[-1].bias = None
+        self.layers[-1].weight = self.layers[0].weight
 
 
 class TokenData(Dataset):

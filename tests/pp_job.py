@@ -94,6 +94,37 @@ def _inject(model: LitLM, fault: str, rank: int, step: int) -> None:
         layer.register_forward_pre_hook(hook)
 
 
+class _OneLayer(LitLM):
+    """Fewer layers than stages: every rank would fail in setup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Embedding(32, 32))
+
+
+class _NoSequential(LitLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(self.layers)
+
+
+class _Manual(LitLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class _LateOneLayer(LitLM):
+    """Builds a too-short network in configure_model: the error comes only after the launch."""
+
+    def configure_model(self) -> None:
+        self.layers = torch.nn.Sequential(torch.nn.Embedding(32, 32))
+
+
+MODELS = {"lm": LitLM, "one-layer": _OneLayer, "no-sequential": _NoSequential, "manual": _Manual,
+          "late-one-layer": _LateOneLayer}
+
+
 def main() -> None:
     from lightning_pp import PPStrategy
 
@@ -109,12 +140,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="PPStrategy(timeout=...) in seconds")
     parser.add_argument("--save", default=None, help="trainer.save_checkpoint(SAVE) after fit")
     parser.add_argument("--resume", default=None, help="trainer.fit(..., ckpt_path=RESUME)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="lm")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = LitLM()
+    model = MODELS[args.model]()
     report = Report(args.out)
     atexit.register(_record_exit, report, args.out)
     if args.fault != "none" and args.fault_at == "forward":

@@ -166,6 +166,16 @@ def test_no_import_cycle():
     assert find_cycle(graph) is None
 
 
+def test_every_exported_name_exists():
+    import importlib
+
+    graph, _ = read_imports()
+    for name in sorted(graph):
+        module = importlib.import_module(name)
+        missing = [n for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
+        assert not missing, f"{name}.__all__ names what it does not define: {missing}"
+
+
 def test_subpackages_say_what_lives_there():
     for init in sorted(PACKAGE.glob("*/__init__.py")):
         docstring = ast.get_docstring(ast.parse(init.read_text()))

@@ -34,6 +34,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
+from lightning_pp.distributed.interrupts import blocking_region
+
 __all__ = [
     "CollectiveError",
     "PayloadError",
@@ -193,9 +195,13 @@ def named_failures(
     :class:`PipeCommError` from a transfer inside) keep their
     message, so call sites can nest; the outer ``operation`` is added as a note
     ("while trying to ...") that the traceback shows under it.
+
+    The body is a :func:`~lightning_pp.distributed.interrupts.blocking_region`: Ctrl-C
+    escalates while the main thread is stuck in it.
     """
     try:
-        yield
+        with blocking_region():
+            yield
     except RuntimeError as error:
         if isinstance(error, (CollectiveError, PipeCommError)):
             if getattr(error, "operation", None) != operation and hasattr(error, "add_note"):  # Python >= 3.11

@@ -49,6 +49,7 @@ from lightning_pp.distributed.errors import (
     PipeCommError,
     describe_failure,
 )
+from lightning_pp.distributed.interrupts import blocking_region
 from lightning_pp.platform import Platform, current_platform
 from lightning_pp.tree import TreeSpec, leaf_paths, tree_flatten, tree_unflatten
 
@@ -236,9 +237,14 @@ class PipeComm:
 
     @contextmanager
     def _failures(self, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int) -> Iterator[None]:
-        """Turns a backend error of one transfer into a :class:`PipeCommError` that names both ends."""
+        """Turns a backend error of one transfer into a :class:`PipeCommError` that names both ends.
+
+        The transfer is a :func:`~lightning_pp.distributed.interrupts.blocking_region`
+        (Ctrl-C escalates while the main thread is stuck in it).
+        """
         try:
-            yield
+            with blocking_region():
+                yield
         except RuntimeError as error:
             if isinstance(error, PipeCommError):
                 raise

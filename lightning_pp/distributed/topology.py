@@ -7,7 +7,17 @@ Two halves, kept apart on purpose:
   each group" from the mesh shape alone, with no process group, so they are tested
   as tables.
 * :func:`build_topology` creates the real groups and returns a
-  :class:`RankTopology` of :class:`ParallelGroup` handles.
+  :class:`RankTopology` of :class:`ParallelGroup` handles;
+  :func:`destroy_topology` destroys them again.
+
+Every group is created with the same ``timeout``: ``new_group`` without one gets
+the backend's default (30 minutes on gloo), not the timeout given to
+``init_process_group``, and so do the sub-groups of a ``DeviceMesh``
+(``init_device_mesh`` in torch 2.13; only an axis spanning the whole world, which
+reuses the default group, keeps its timeout). Measured on 4 gloo ranks initialised
+with a 3 s timeout: a ``DeviceMesh`` sub-group reports ``0:30:00``, and a collective
+on it that a member skips was still waiting after 12 s. So the axis groups are made
+here too, with ``new_group(timeout=...)``, and handed to ``DeviceMesh.from_group``.
 
 Layout: ``tp`` is the innermost (fastest-varying) axis, then ``cp``, ``dp``, ``pp``::
 
@@ -38,8 +48,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from lightning_pp.platform import current_platform, distributed_backend_for
@@ -54,9 +66,12 @@ __all__ = [
     "axis_groups",
     "build_topology",
     "coords_of",
+    "destroy_groups",
+    "destroy_topology",
     "global_rank_of",
     "group_rank_of",
     "mlp_tp_groups",
+    "process_group_timeout",
     "rank_of",
     "replica_groups",
 ]
@@ -246,6 +261,10 @@ class RankTopology:
         mlp_tp: MLP tensor-parallel group (``cp`` x ``tp``).
         replica: every rank of this rank's data-parallel replica (``pp`` x ``cp`` x
             ``tp``): where a norm of the whole model is summed.
+        timeout: the timeout every group was created with (``None``: the backend's default).
+        owned_groups: the process groups :func:`build_topology` created that this rank
+            is a member of, in creation order (the default group, reused for an axis
+            that spans the world, is not among them): what :func:`destroy_topology` ends.
     """
 
     shape: MeshShape
@@ -258,39 +277,69 @@ class RankTopology:
     attn_tp: ParallelGroup
     mlp_tp: ParallelGroup
     replica: ParallelGroup
+    timeout: Optional[timedelta] = None
+    owned_groups: tuple[Any, ...] = field(default=(), repr=False)
 
     def groups(self) -> dict[str, ParallelGroup]:
         return {g.name: g for g in (self.pp, self.dp, self.cp, self.tp, self.attn_tp, self.mlp_tp, self.replica)}
 
 
-def _new_groups(all_ranks: Sequence[tuple[int, ...]], backend: Optional[str], me: int) -> Any:
+def process_group_timeout(group: Any, device_type: str = "cpu") -> Optional[timedelta]:
+    """The timeout ``group``'s backend for ``device_type`` really runs with, or ``None`` where it does not say.
+
+    NOTE: torch has no public getter; the gloo and NCCL backends expose the options
+    they were created with (``options._timeout``), which is what their collectives
+    and transfers wait for (checked on gloo: a collective one rank skips fails after
+    exactly that long). Other backends answer ``None``.
+    """
+    try:
+        backend = group._get_backend(torch.device(device_type))
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    options = getattr(backend, "options", None)
+    timeout = getattr(options, "_timeout", None)
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def _new_groups(
+    all_ranks: Sequence[tuple[int, ...]], backend: Optional[str], me: int, timeout: Optional[timedelta], owned: list
+) -> Any:
     """Creates one group per entry of ``all_ranks`` on every rank; returns this rank's.
 
     ``torch.distributed.new_group`` is collective over the whole world: every rank
     must call it for every group, in the same order, even for groups it is not in,
     or the ranks' group counters diverge and later groups pair up wrong or hang.
+    The group this rank belongs to is appended to ``owned``.
     """
     mine = None
     for ranks in all_ranks:
-        group = dist.new_group(list(ranks), backend=backend)
+        group = dist.new_group(list(ranks), backend=backend, timeout=timeout)
         if me in ranks:
             mine = group
+            owned.append(group)
     return mine
 
 
-def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> RankTopology:
+def build_topology(
+    shape: MeshShape, *, device_type: Optional[str] = None, timeout: Optional[timedelta] = None
+) -> RankTopology:
     """Creates every process group of the mesh, on every rank, in the same order.
 
     Must be called by all ranks of an initialised default group whose size is
-    ``shape.world_size``. The four axis groups come from a ``DeviceMesh``; the
-    MLP-TP and replica groups, which a ``DeviceMesh`` names only through a private
-    flatten API, come from ``new_group``; then one CPU twin per group.
+    ``shape.world_size``. The four axis groups (wrapped in a ``DeviceMesh``), the
+    MLP-TP and replica groups, then one CPU twin per group, all come from
+    ``new_group`` with ``timeout``. An axis that spans the whole world reuses the
+    default group when that already has this timeout (no second communicator over
+    every rank).
 
     Args:
         shape: the mesh shape.
         device_type: device of the mesh; the current platform's by default.
+        timeout: how long any collective or transfer on these groups may wait for a
+            peer. ``None``: the default group's timeout (the one given to
+            ``init_process_group``), where its backend says; else the backend's default.
     """
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
 
     if not dist.is_initialized():
         raise RuntimeError("build_topology needs torch.distributed: call torch.distributed.init_process_group first.")
@@ -302,7 +351,25 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
         )
     device_type = device_type or current_platform().device_type
     me = dist.get_rank()
-    mesh = init_device_mesh(device_type, shape.sizes(), mesh_dim_names=AXES)
+    default_group = dist.group.WORLD
+    world_timeout = process_group_timeout(default_group, device_type)
+    reuse_world = timeout is None or timeout == world_timeout
+    timeout = timeout if timeout is not None else world_timeout
+    owned: list[Any] = []
+
+    def axis_group(axis: str) -> Any:
+        all_ranks = axis_groups(shape, axis)
+        if len(all_ranks) == 1 and reuse_world:
+            return default_group
+        return _new_groups(all_ranks, None, me, timeout, owned)
+
+    device_groups = {axis: axis_group(axis) for axis in AXES}
+    mesh = DeviceMesh.from_group(
+        [device_groups[axis] for axis in AXES],
+        device_type,
+        mesh=torch.arange(world, dtype=torch.int).reshape(shape.sizes()),
+        mesh_dim_names=AXES,
+    )
 
     cpu_backend = distributed_backend_for("cpu")
     on_cpu = current_platform().dist_backend == cpu_backend and device_type == "cpu"
@@ -311,23 +378,23 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
         mine = next(r for r in all_ranks if me in r)
         # The twin is created even for groups of one, so every rank makes the same
         # sequence of new_group calls whatever its position.
-        cpu_group = device_group if on_cpu else _new_groups(all_ranks, cpu_backend, me)
+        cpu_group = device_group if on_cpu else _new_groups(all_ranks, cpu_backend, me, timeout, owned)
         if len(mine) == 1:
             return ParallelGroup(name=name, ranks=mine)
         return ParallelGroup(name=name, ranks=mine, device_group=device_group, cpu_group=cpu_group)
 
-    groups = {axis: make(axis, axis_groups(shape, axis), mesh[axis].get_group()) for axis in AXES}
+    groups = {axis: make(axis, axis_groups(shape, axis), device_groups[axis]) for axis in AXES}
     mlp_ranks = mlp_tp_groups(shape)
     if shape.cp == 1:
         mlp_tp = ParallelGroup("mlp_tp", groups["tp"].ranks, groups["tp"].device_group, groups["tp"].cpu_group)
     else:
-        mlp_tp = make("mlp_tp", mlp_ranks, _new_groups(mlp_ranks, None, me))
+        mlp_tp = make("mlp_tp", mlp_ranks, _new_groups(mlp_ranks, None, me, timeout, owned))
     tp, pp = groups["tp"], groups["pp"]
     if shape.cp * shape.tp == 1:
         replica = ParallelGroup("replica", pp.ranks, pp.device_group, pp.cpu_group)
     else:
         replica_ranks = replica_groups(shape)
-        replica = make("replica", replica_ranks, _new_groups(replica_ranks, None, me))
+        replica = make("replica", replica_ranks, _new_groups(replica_ranks, None, me, timeout, owned))
     return RankTopology(
         shape=shape,
         coords=coords_of(me, shape),
@@ -339,4 +406,29 @@ def build_topology(shape: MeshShape, *, device_type: Optional[str] = None) -> Ra
         attn_tp=ParallelGroup("attn_tp", tp.ranks, tp.device_group, tp.cpu_group),
         mlp_tp=mlp_tp,
         replica=replica,
+        timeout=timeout,
+        owned_groups=tuple(owned),
     )
+
+
+def destroy_topology(topology: RankTopology) -> None:
+    """Destroys the process groups :func:`build_topology` created for ``topology`` (on GPUs: their communicators).
+
+    Every rank must call it at the same point, as they created the groups (tearing
+    down a communicator can be collective). Groups already gone (the default group
+    was destroyed, which ends every group) are skipped. Nothing may use
+    ``topology``'s groups afterwards.
+    """
+    destroy_groups(topology.owned_groups)
+
+
+def destroy_groups(groups: Sequence[Any]) -> None:
+    """Destroys ``groups`` (made in this order, by every rank alike), newest first; gone ones are skipped."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # Newest first, as torch destroys the world's groups.
+    for group in reversed(list(groups)):
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # "Invalid process group specified": no longer registered
+            pass

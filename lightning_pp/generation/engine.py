@@ -98,6 +98,8 @@ class StageContext:
             sequences through layers sharing one MLP. ``None`` (or a group of one):
             no data-parallel attention.
         attn_tp_size: attention tensor-parallel size, for the row-count exchange.
+        num_microbatches: the microbatches the strategy was asked for
+            (``PPStrategy(num_microbatches=...)``), ``None`` when not set.
     """
 
     pp_rank: int = 0
@@ -109,6 +111,7 @@ class StageContext:
     first_stage_rank: int = 0
     attn_dp_group: Optional[ParallelGroup] = None
     attn_tp_size: int = 1
+    num_microbatches: Optional[int] = None
 
     @property
     def attn_dp_size(self) -> int:

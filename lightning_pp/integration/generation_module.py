@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from lightning_pp.distributed.topology import RankTopology
 from lightning_pp.generation.chunking import ChunkPlanner
@@ -80,6 +80,8 @@ class GenerationModule(L.LightningModule):
             ``()`` for none.
         num_microbatches: slots of sequences in flight; default the number of stages.
             Set it explicitly to make a pipeline pack rows exactly as one device does.
+            ``PPStrategy(num_microbatches=...)`` sets the same thing; giving both
+            different values is an error.
         prefill_chunk: prefill long prompts in chunks of this many tokens (first chunk
             when the predictor is on); ``None`` prefills a prompt in one forward.
         chunk_predictor: size chunks after the first for equal predicted latency
@@ -159,6 +161,61 @@ class GenerationModule(L.LightningModule):
         self.layers = shard_layers(list(self.layers), self.config, groups, attention_mode=mode)
         self._sharded_for = layout
 
+    # -- input checks -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Fails before the first batch when the loader would stack prompts of different lengths."""
+        if stage != "predict":
+            return
+        # NOTE: the loader given to trainer.predict, before Lightning iterates it. Lightning
+        # 2.6 keeps it on the predict loop's data source; a datamodule's loader is not
+        # built here (that would build it twice).
+        source = getattr(getattr(self.trainer, "predict_loop", None), "_data_source", None)
+        loaders = getattr(source, "instance", None)
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            dataset = getattr(loader, "dataset", None)
+            batch_size = getattr(loader, "batch_size", None) or 1
+            stacks = getattr(loader, "collate_fn", None) is default_collate and batch_size > 1
+            if stacks and isinstance(dataset, PromptDataset) and len({len(p) for p in dataset.prompts}) > 1:
+                raise ValueError(
+                    "The prompts have different lengths, and the DataLoader's default collate_fn would stack them "
+                    "(torch: 'stack expects each tensor to be equal size'). Pass collate_fn=collate_prompts "
+                    "(from lightning_pp.integration), which keeps each batch a list of prompts."
+                )
+
+    def _check_prompts(self, prompts: list[torch.Tensor], batch_idx: int) -> None:
+        """Token ids inside the vocabulary and room for every generated position, or a ValueError."""
+        vocab, limit = self.config.vocab_size, self.config.max_position_embeddings
+        for i, prompt in enumerate(prompts):
+            where = f"prompt {i} of batch {batch_idx}"
+            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.numel() == 0:
+                raise ValueError(
+                    f"{where} is {type(prompt).__name__}{tuple(getattr(prompt, 'shape', ()))}: each prompt must be a "
+                    "non-empty 1-D tensor of token ids (PromptDataset + collate_fn=collate_prompts make them)."
+                )
+            low, high = int(prompt.min()), int(prompt.max())
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"{where} holds token id {bad}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1}): "
+                    "was it encoded with another model's tokenizer?"
+                )
+            if limit is not None and len(prompt) + self.max_new_tokens > limit:
+                raise ValueError(
+                    f"{where} has {len(prompt)} tokens; with max_new_tokens={self.max_new_tokens} it would reach "
+                    f"position {len(prompt) + self.max_new_tokens}, past the model's max_position_embeddings={limit}. "
+                    "Shorten the prompt or lower max_new_tokens."
+                )
+
+    def _microbatches(self, stage: StageContext) -> Optional[int]:
+        """The one microbatch count, whether set here or on the strategy."""
+        mine, strategy = self.num_microbatches, stage.num_microbatches
+        if mine is not None and strategy is not None and mine != strategy:
+            raise ValueError(
+                f"GenerationModule(num_microbatches={mine}) and PPStrategy(num_microbatches={strategy}) disagree: "
+                "set it in one place."
+            )
+        return mine if mine is not None else strategy
+
     def _parts(self, stage: StageContext) -> StageParts:
         stages = getattr(self.layers, "stages", None)  # a PipelinedSequential under PPStrategy
         layers = list(stages[stage.pp_rank]) if stages is not None else list(self.layers)
@@ -203,6 +260,8 @@ class GenerationModule(L.LightningModule):
         attention-DP and tensor-parallel rank.
         """
         stage = stage or StageContext(device=self.device)
+        prompts = list(batch)
+        self._check_prompts(prompts, batch_idx)
         parts = self._parts(stage)
         generator = PipelineGenerator(
             parts,
@@ -210,9 +269,8 @@ class GenerationModule(L.LightningModule):
             max_new_tokens=self.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
             planner=self._planner(parts, stage),
-            num_microbatches=self.num_microbatches,
+            num_microbatches=self._microbatches(stage),
         )
-        prompts = list(batch)
         dp = stage.attn_dp_group
         if dp is None or dp.size == 1:
             outputs = generator.generate(prompts)

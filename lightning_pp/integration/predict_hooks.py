@@ -20,6 +20,19 @@ from lightning_pp.platform import platform_for
 
 __all__ = ["PredictMixin", "drives_own_pipeline"]
 
+#: Batch hooks that make the deferred per-microbatch copy impossible: overriding either
+#: means the whole batch is moved (and changed) as one device does it.
+_TRANSFER_HOOKS = ("transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _overrides_batch_hook(trainer: Any, name: str) -> bool:
+    """Whether the LightningModule or DataModule whose ``name`` hook Lightning calls overrides it."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    selector = trainer._data_connector._datahook_selector
+    instance = selector.get_instance(name) if selector is not None else trainer.lightning_module
+    return is_overridden(name, instance)
+
 
 def drives_own_pipeline(module: Any) -> bool:
     """A module (e.g. ``GenerationModule``) whose ``predict_step`` runs the stages itself."""
@@ -64,6 +77,7 @@ class PredictMixin(PipelineStrategyState):
             first_stage_rank=self._comm.global_rank(0),
             attn_dp_group=self.topology.cp if data_parallel_attention else None,
             attn_tp_size=self.topology.tp.size,
+            num_microbatches=self._requested_microbatches,
         )
 
     # -- streaming predict ------------------------------------------------------------------
@@ -88,54 +102,97 @@ class PredictMixin(PipelineStrategyState):
         return feed if isinstance(feed, PredictFeed) else None
 
     def _predict_stream(self, args: tuple) -> tuple[Any, int]:
-        """The stream for this ``predict_step`` call (created on a dataloader's first batch), and the batch index."""
+        """The stream for this ``predict_step`` call, and the batch index (``None, 0`` when not streaming)."""
+        from lightning.pytorch.utilities.signature_utils import (
+            is_param_in_hook_signature,
+        )
+
+        module = self.module
+        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
+        rest = args[1:]
+        dataloader_idx = int(rest[-1]) if self._predicts_several_loaders() and rest else 0
+        stream = self._stream_for(dataloader_idx)
+        if stream is None:
+            return None, 0
+        batch_idx = int(rest[0]) if takes_batch_idx else stream.next_batch
+        return stream, batch_idx
+
+    def _predicts_several_loaders(self) -> bool:
+        combined = self.module.trainer.predict_loop._combined_loader
+        return combined is not None and len(combined.flattened) > 1
+
+    def _stream_for(self, dataloader_idx: int) -> Any:
+        """The stream of predict dataloader ``dataloader_idx`` (created on its first batch), or ``None``."""
         from lightning.pytorch.utilities.signature_utils import (
             is_param_in_hook_signature,
         )
 
         from lightning_pp.integration.predict_stream import PredictStream
 
-        module = self.module
-        assert self._pipelined is not None and self._predict_streams is not None
-        trainer = module.trainer
-        combined = trainer.predict_loop._combined_loader
-        multiple = combined is not None and len(combined.flattened) > 1
-        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
-        rest = args[1:]
-        dataloader_idx = int(rest[-1]) if multiple and rest else 0
         feed = self._predict_feed(dataloader_idx)
         if feed is None:
-            return None, 0
+            return None
+        assert self._pipelined is not None and self._predict_streams is not None
         stream = self._predict_streams.get(dataloader_idx)
-        if stream is None or stream.feed is not feed:
-            feed.limit = trainer.predict_loop.max_batches[dataloader_idx]
-            tail = (dataloader_idx,) if multiple else ()
+        if stream is not None and stream.feed is feed:
+            return stream
+        module = self.module
+        trainer = module.trainer
+        feed.limit = trainer.predict_loop.max_batches[dataloader_idx]
+        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
+        tail = (dataloader_idx,) if self._predicts_several_loaders() else ()
+        defer_copy = not any(_overrides_batch_hook(trainer, name) for name in _TRANSFER_HOOKS)
+        before_batch_transfer = type(module)._on_before_batch_transfer  # not the guard set in on_predict_start
 
-            def step_args(k: int) -> tuple:
-                return ((k,) if takes_batch_idx else ()) + tail
+        def step_args(k: int) -> tuple:
+            return ((k,) if takes_batch_idx else ()) + tail
 
-            def prepare(batch: Any) -> Any:
-                batch = self.precision_plugin.convert_input(batch)
-                return module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+        def prepare(batch: Any) -> Any:
+            # Lightning's three batch hooks, in its order, once per batch (`_predict_step` in
+            # lightning/pytorch/loops/prediction_loop.py); see `_guard_batch_hooks`.
+            batch = self.precision_plugin.convert_input(batch)
+            batch = before_batch_transfer(module, batch, dataloader_idx=dataloader_idx)
+            if defer_copy:  # default transfer (copied per microbatch at launch), no on_after_batch_transfer
+                return batch
+            return module._apply_batch_transfer_handler(batch, device=self.root_device, dataloader_idx=dataloader_idx)
 
-            stream = PredictStream(
-                feed,
-                stage=self._pipelined.stages[self.pp_rank],
-                pipelined=self._pipelined,
-                user_step=module.predict_step,
-                step_args=step_args,
-                prepare=prepare,
-                num_microbatches=self.num_microbatches,
-                pp_rank=self.pp_rank,
-                pp_size=self.pp_size,
-                comm=self._comm if self.pp_size > 1 else None,
-                device=self.root_device,
-                platform=platform_for(self.root_device),
-                sequential_name=f"self.{self._pipelined_attr}",
-            )
-            self._predict_streams[dataloader_idx] = stream
-        batch_idx = int(rest[0]) if takes_batch_idx else stream.next_batch
-        return stream, batch_idx
+        stream = PredictStream(
+            feed,
+            stage=self._pipelined.stages[self.pp_rank],
+            pipelined=self._pipelined,
+            user_step=module.predict_step,
+            step_args=step_args,
+            prepare=prepare,
+            num_microbatches=self.num_microbatches,
+            pp_rank=self.pp_rank,
+            pp_size=self.pp_size,
+            comm=self._comm if self.pp_size > 1 else None,
+            device=self.root_device,
+            platform=platform_for(self.root_device),
+            sequential_name=f"self.{self._pipelined_attr}",
+            defer_copy=defer_copy,
+        )
+        self._predict_streams[dataloader_idx] = stream
+        return stream
+
+    def _guard_batch_hooks(self) -> None:
+        """Makes Lightning's own ``on_before_batch_transfer`` call a no-op for streamed batches.
+
+        The stream runs the batch hooks when it reads a batch, ahead of Lightning; the
+        loop would run ``on_before_batch_transfer`` a second time on the batch it hands
+        to ``predict_step`` (the transfer hooks go through :meth:`batch_to_device`).
+        The guard delegates to the module's hook whenever the batch is not streamed,
+        so one left behind by a failed ``predict`` changes nothing for ``fit``.
+        """
+        module = self.module
+        hook = type(module)._on_before_batch_transfer
+
+        def on_before_batch_transfer_once(batch: Any, dataloader_idx: int = 0) -> Any:
+            if self._predict_feed(dataloader_idx) is not None:
+                return batch
+            return hook(module, batch, dataloader_idx=dataloader_idx)
+
+        module._on_before_batch_transfer = on_before_batch_transfer_once  # type: ignore[method-assign]
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -151,9 +208,14 @@ class PredictMixin(PipelineStrategyState):
 
     @override
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if self._predict_feed(dataloader_idx) is not None or drives_own_pipeline(self._lightning_module):
-            # Deferred host-to-device copy: the pipeline copies each microbatch when it
-            # launches, from pinned memory where the platform can do so asynchronously.
+        stream = self._stream_for(dataloader_idx)
+        if stream is not None:
+            # The stream already ran the batch hooks on this batch when it read it (the
+            # copy itself may be deferred to each microbatch's launch): Lightning's
+            # `predict_step` and batch callbacks get what the hooks made, as on one device.
+            return stream.prepared_batch(stream.next_batch)
+        if drives_own_pipeline(self._lightning_module):
+            # Generation copies each microbatch to its device when it launches.
             return batch
         return super().batch_to_device(batch, device, dataloader_idx)
 
@@ -161,7 +223,11 @@ class PredictMixin(PipelineStrategyState):
     def on_predict_start(self) -> None:
         from lightning_pp.integration.predict_stream import mute_prediction_writers
 
+        # Every stage of a replica must run the same batches, or a stage waits forever for
+        # a transfer its peer never makes: fail here, before any rank blocks.
+        self._check_same_on_pipeline("predict batches", self.module.trainer.num_predict_batches)
         self._predict_streams = {}
+        self._guard_batch_hooks()
         coords = self.topology.coords if self.topology is not None else None
         if self.pp_rank != 0 or (coords is not None and (coords.cp, coords.tp) != (0, 0)):
             # Only the first stage of a replica holds its predictions; its other cp/tp
@@ -178,8 +244,16 @@ class PredictMixin(PipelineStrategyState):
         for stream in (self._predict_streams or {}).values():
             stream.close()
         self._predict_streams = None
+        self.module.__dict__.pop("_on_before_batch_transfer", None)  # the guard of on_predict_start
         if self.dp_size > 1:
             self._gather_replica_predictions()
+
+    @override
+    def teardown(self) -> None:
+        # A predict that failed never reached on_predict_end: its hook guard goes here.
+        if self._lightning_module is not None:
+            self._lightning_module.__dict__.pop("_on_before_batch_transfer", None)
+        super().teardown()
 
     def _gather_replica_predictions(self) -> None:
         """Global rank 0 gets every replica's predictions, as one device would return them."""
@@ -207,7 +281,5 @@ class PredictMixin(PipelineStrategyState):
             merged = gather_replica_predictions(
                 [(replica[i][0], replica[i][1]) for replica in replicas], per_loader[i][2]
             )
-            if merged is None:
-                merged = [batch for replica in replicas for batch in replica[i][0]]
             # In place: the loop already handed this list to `trainer.predict` as its result.
             predictions[:] = merged

@@ -13,15 +13,18 @@ keep the pipeline full across batch boundaries the first stage must start batch
   the first stage, which returns batch ``k``'s output; the microbatches of the
   next batches are already in flight.
 
-Inputs stay on the host (pinned where the platform can copy asynchronously) until
-their microbatch launches; only then are they copied to the device. Lightning's
-own copy of the batch (``batch_to_device``) is skipped for predict, and no code
-path reads a microbatch that is not there: a missing one raises.
+Lightning's batch hooks run once per batch, in order, when the pipeline reads the
+batch (so possibly before Lightning reaches it): ``on_before_batch_transfer``,
+``transfer_batch_to_device``, ``on_after_batch_transfer``. Where the user overrides
+neither of the last two, inputs instead stay on the host (pinned where the
+platform can copy asynchronously) until their microbatch launches, and only then
+are copied to the device. Lightning's own calls of the hooks for the batch it hands
+to ``predict_step`` are skipped (``PredictMixin``), and Lightning gets the batch the
+hooks made. No code path reads a microbatch that is not there: a missing one raises.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -30,10 +33,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning_pp.distributed.p2p import PipeComm
 from lightning_pp.pipeline.executor import run_step_to_end, run_step_to_first_stage
 from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
-from lightning_pp.pipeline.step_outputs import concat_outputs
+from lightning_pp.pipeline.step_outputs import OutputRows, concat_outputs, join_rows, split_rows
 from lightning_pp.pipeline.streaming import StreamingPipeline
 from lightning_pp.platform import Platform
-from lightning_pp.tree import map_tensors, tree_leaves
+from lightning_pp.tree import map_tensors
 
 __all__ = ["PredictFeed", "PredictStream", "gather_replica_predictions", "mute_prediction_writers"]
 
@@ -129,12 +132,15 @@ class PredictStream:
         pipelined: the module's ``PipelinedSequential`` (its ``handler`` answers the user's call).
         user_step: the LightningModule's ``predict_step``.
         step_args: builds the step's extra positional args for batch ``k`` (batch index, dataloader index).
-        prepare: Lightning's host-side batch hooks (``convert_input``, ``on_before_batch_transfer``).
+        prepare: Lightning's batch hooks, run once per batch when it is read (``convert_input``,
+            ``on_before_batch_transfer``, and the transfer hooks unless ``defer_copy``).
         num_microbatches: microbatches per batch (fewer for a batch with fewer rows).
         pp_rank, pp_size, comm: the pipeline.
         device: where microbatches run.
         platform: pins host inputs and copies them to ``device``.
         sequential_name: how the user knows the Sequential, for error messages.
+        defer_copy: ``prepare`` leaves the batch on the host: pin each microbatch and
+            copy it to ``device`` when it launches. ``False``: ``prepare`` moved it.
     """
 
     def __init__(
@@ -153,6 +159,7 @@ class PredictStream:
         device: torch.device,
         platform: Platform,
         sequential_name: str,
+        defer_copy: bool = True,
     ) -> None:
         self.feed = feed
         self.pipelined = pipelined
@@ -161,9 +168,13 @@ class PredictStream:
         self.pp_rank, self.pp_size = pp_rank, pp_size
         self.device, self.platform = device, platform
         self.sequential_name = sequential_name
+        self.defer_copy = defer_copy
         self._needs_data = pp_rank in (0, pp_size - 1)
         self._starts: list[int] = [0]  # _starts[k] = first stream microbatch of batch k
-        self._host: dict[int, Any] = {}  # stream microbatch -> host microbatch (first/last rank)
+        # stream microbatch -> its input (first/last rank): on the host when the copy is deferred
+        self._host: dict[int, Any] = {}
+        self._rows: dict[int, int] = {}  # stream microbatch -> its rows (first rank joins outputs by them)
+        self._prepared: dict[int, Any] = {}  # batch -> what the hooks made of it, until Lightning takes it
         self._results: dict[int, Any] = {}
         self._done = False
         self._next_batch = 0  # the batch predict_step expects next
@@ -188,13 +199,31 @@ class PredictStream:
             self._done = True
             return False
         batch = self.prepare(batch)
+        self._prepared[k] = batch
         rows = batch_rows(batch)
         parts = split_microbatches(batch, min(self.num_microbatches, rows))
-        if self._needs_data:
-            for j, part in enumerate(parts):
-                self._host[self._starts[k] + j] = map_tensors(self.platform.pin, part)
+        for j, part in enumerate(parts):
+            g = self._starts[k] + j
+            if self.pp_rank == 0:
+                self._rows[g] = batch_rows(part)
+            if self._needs_data:
+                self._host[g] = map_tensors(self.platform.pin, part) if self.defer_copy else part
         self._starts.append(self._starts[k] + len(parts))
         return True
+
+    def prepared_batch(self, k: int) -> Any:
+        """Batch ``k`` as Lightning's batch hooks made it (read now if the pipeline has not yet), handed over once.
+
+        Lightning passes it to ``predict_step`` and the batch callbacks, as one device does.
+        """
+        while len(self._starts) - 1 <= k and self._read_batch():
+            pass
+        if k not in self._prepared:
+            raise RuntimeError(
+                f"PPStrategy's streaming predict has no batch {k} on pipeline rank {self.pp_rank}: it is missing "
+                "from the predict dataloader or was already handed to Lightning."
+            )
+        return self._prepared.pop(k)
 
     def _exists(self, g: int) -> bool:
         while g >= self._starts[-1]:
@@ -221,7 +250,10 @@ class PredictStream:
                 "read or already released."
             )
         # Each of the first and last rank runs a microbatch's step once: the host copy goes now.
-        return map_tensors(lambda t: self.platform.to_device(t, self.device), self._host.pop(g))
+        microbatch = self._host.pop(g)
+        if not self.defer_copy:  # the user's transfer hooks already put it where they want it
+            return microbatch
+        return map_tensors(lambda t: self.platform.to_device(t, self.device), microbatch)
 
     def _launch(self, g: int) -> Any:
         microbatch = self._device_microbatch(g)
@@ -253,6 +285,7 @@ class PredictStream:
     def close(self) -> None:
         """Stops the pipeline's communication thread."""
         self.pipeline.close()
+        self._prepared.clear()
 
     # -- one Lightning step --------------------------------------------------------------
     @property
@@ -282,7 +315,7 @@ class PredictStream:
         if self.pp_rank != 0:
             return None
         outputs = [self._results.pop(g) for g in range(first, end)]
-        return concat_outputs(outputs)
+        return concat_outputs(outputs, [self._rows.pop(g) for g in range(first, end)])
 
 
 # -- writers and data-parallel results ---------------------------------------------------------
@@ -310,19 +343,13 @@ def _skip(*_: Any, **__: Any) -> None:
     return None
 
 
-def _row_count(output: Any) -> Optional[int]:
-    counts = [t.shape[0] for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    return counts[0] if counts else None
-
-
-def _select_row(output: Any, i: int) -> Any:
-    return map_tensors(lambda t: t[i : i + 1] if t.dim() > 0 else t, output)
-
-
 def gather_replica_predictions(
     replicas: Sequence[tuple[list[Any], list[list[int]]]], batch_size: Optional[int]
-) -> Optional[list[Any]]:
+) -> list[Any]:
     """Merges data-parallel replicas' predictions into what one device returns.
+
+    Rows are cut and joined by the rule of :mod:`lightning_pp.pipeline.step_outputs`
+    (tensors along dim 0, lists with one entry per row, through tuples and dicts).
 
     Args:
         replicas: per replica, its per-batch outputs and the dataset indices of each batch.
@@ -331,28 +358,31 @@ def gather_replica_predictions(
     Returns:
         Per-batch outputs over the whole dataset in dataset-index order, each index
         once (a distributed sampler's padding duplicates are dropped), batched as one
-        device batches them; ``None`` when rows cannot be regrouped (non-tensor
-        outputs, or shapes that differ between batches).
+        device batches them.
+
+    Raises:
+        ValueError: the rows cannot be regrouped (no dataset indices, a value that is
+            not per row, shapes that do not concatenate); the message says what works.
     """
-    rows: dict[int, Any] = {}
-    largest = 0
-    for outputs, indices in replicas:
+    for replica, (outputs, indices) in enumerate(replicas):
         if len(outputs) != len(indices):
-            return None
-        for output, batch_indices in zip(outputs, indices):
-            if _row_count(output) != len(batch_indices):
-                return None
-            largest = max(largest, len(batch_indices))
-            for i, index in enumerate(batch_indices):
-                rows.setdefault(index, _select_row(output, i))
-    size = batch_size or largest
+            raise ValueError(
+                f"Data-parallel replica {replica} has {len(outputs)} batches of predictions but dataset indices for "
+                f"{len(indices)}, so PPStrategy cannot put its rows back in dataset order. Use a map-style dataset "
+                "(Lightning records each batch's indices through its batch sampler), or write each replica's "
+                "predictions with a BasePredictionWriter and call trainer.predict(..., return_predictions=False)."
+            )
+    outputs = [output for replica_outputs, _ in replicas for output in replica_outputs]
+    indices = [batch for _, replica_indices in replicas for batch in replica_indices]
+    size = batch_size or max((len(batch) for batch in indices), default=0)
+    num_rows = len({i for batch in indices for i in batch})
+    if all(output is None for output in outputs):  # nothing to regroup: one None per one-device batch
+        return [None] * -(-num_rows // size) if size else []
+    # Every batch is read alike (which lists are per-row), then cut into rows by dataset index.
+    rows: dict[int, OutputRows] = {}
+    for part, batch_indices in zip(split_rows(outputs, [len(batch) for batch in indices]), indices):
+        for i, index in enumerate(batch_indices):
+            if index not in rows:  # a distributed sampler's padding repeats rows
+                rows[index] = part.take(i, i + 1)
     ordered = [rows[i] for i in sorted(rows)]
-    try:
-        return [concat_outputs(ordered[j : j + size]) for j in range(0, len(ordered), size)]
-    except RuntimeError:
-        warnings.warn(
-            "PPStrategy could not regroup data-parallel predictions into one-device batches (their shapes differ "
-            "between batches); rank 0 returns each replica's batches instead.",
-            stacklevel=2,
-        )
-        return None
+    return [join_rows(ordered[j : j + size]) for j in range(0, len(ordered), size)]

@@ -227,10 +227,12 @@ class StepsMixin(PipelineStrategyState):
         with named_failures(f"compare the number of {what} with the other stages", group, timeout=self._timeout):
             dist.all_gather_object(values, value, group=group)
         if any(v != values[0] for v in values):
+            assert group is not None, "pp > 1 has a pipeline group once set up"
+            ranks = [dist.get_global_rank(group, i) for i in range(self.pp_size)]
             raise ValueError(
-                f"The stages of one pipeline see different numbers of {what}: {values} (by pipeline rank). Every "
-                "stage must iterate the same data: give each rank the same dataloader and let PPStrategy split it "
-                "over data-parallel replicas."
+                f"The stages of one pipeline see different numbers of {what}: {values} by pipeline rank, at global "
+                f"ranks {ranks}. Every stage must iterate the same data: give each rank the same dataloader and let "
+                "PPStrategy split it over data-parallel replicas."
             )
 
     def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
@@ -247,15 +249,37 @@ class StepsMixin(PipelineStrategyState):
                 self.topology.cp.device_group,
                 operation="sum the attention gradients over the context-parallel group",
             )
+        grads = self._sum_tied_gradients(params, grads)
+        outside = self._outside_param_ids
         return reduce_stage_gradients(
             params,
             grads,
-            shared=lambda p: id(p) not in self._pipelined_param_ids,
+            shared=lambda p: id(p) in outside,
             pp_group=self._pp_group,
             pp_size=self.pp_size,
             dp_group=self._dp_group,
             dp_size=self.dp_size,
         )
+
+    def _sum_tied_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """Adds up the gradients of a weight tied across stages over its holders, as one device accumulates them."""
+        if not self._tied_parameters:
+            return grads
+        grads = list(grads)
+        index = {id(p): i for i, p in enumerate(params)}
+        for param, group, _ in self._tied_parameters:  # the same order on every holder
+            i = index.get(id(param))
+            if i is None:
+                continue  # frozen (requires_grad=False): no gradient on any holder
+            grad = grads[i]
+            if grad is None:
+                grad = grads[i] = torch.zeros_like(param)
+            sum_over_group(
+                [grad],
+                group,
+                operation="sum the gradients of a weight tied across stages (e.g. an embedding and its output head)",
+            )
+        return grads
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
@@ -301,7 +325,10 @@ class StepsMixin(PipelineStrategyState):
         output = None
         outputs = [results[k] for k in sorted(results)]
         if outputs and all(o is not None for o in outputs):
-            output = weighted_mean(outputs, weights) if combine == "mean" else concat_outputs(outputs)
+            if combine == "mean":
+                output = weighted_mean(outputs, weights)
+            else:
+                output = concat_outputs(outputs, [batch_rows(mb) for mb in microbatches])
         return self._publish(recorder, weights, output)
 
     @override

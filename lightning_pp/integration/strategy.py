@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import warnings
 import weakref
 from datetime import timedelta
 from typing import Any, Optional, Sequence, Union
@@ -37,7 +38,10 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -45,8 +49,17 @@ from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.interrupts import install_interrupt_escalation
 from lightning_pp.distributed.objects import barrier, broadcast_object
 from lightning_pp.distributed.p2p import PipeComm, Transport
-from lightning_pp.distributed.topology import MeshShape, build_topology
+from lightning_pp.distributed.topology import (
+    MeshShape,
+    RankCoords,
+    RankTopology,
+    build_topology,
+    destroy_groups,
+    destroy_topology,
+    rank_of,
+)
 from lightning_pp.integration.checkpoint_hooks import CheckpointMixin
+from lightning_pp.integration.launcher import PipelineLauncher
 from lightning_pp.integration.predict_hooks import PredictMixin
 from lightning_pp.integration.step_hooks import StepsMixin
 from lightning_pp.integration.strategy_state import PipelineStrategyState
@@ -62,6 +75,7 @@ from lightning_pp.pipeline.stage import (
     capture_sequential_input,
     find_pipelined_sequential,
     partition_module,
+    plan_module_split,
 )
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.tracing.trace import StepTracer, TraceOptions
@@ -106,7 +120,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             during setup); larger calls use the exact fallback.
         timeout: how long any collective or point-to-point transfer may wait for a peer
             before the job fails with an error naming the stage, the peer and the
-            operation (a stalled or lost stage). ``None`` waits forever.
+            operation (a stalled or lost stage). It bounds every process group the
+            strategy creates and the streaming predict and generation loops. ``None``
+            uses torch's default for the backend (30 minutes on gloo, 10 on NCCL).
         check_finite_loss: stop every rank with an error naming the step when the loss
             is NaN or infinite (a pipeline cannot stop one stage alone without hanging
             the others).
@@ -225,6 +241,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self._comm = None
         self._schedules = {}
         self._pending_grads = None
+        self._outside_param_ids = frozenset()
+        self._tied_parameters = []
+        self._tie_groups = {}
 
     # -- Lightning plumbing ------------------------------------------------------------
     @property
@@ -247,9 +266,12 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
 
     @property
     def is_distributed(self) -> bool:
-        # Lightning adds a distributed sampler and syncs `self.log(sync_dist=True)`
-        # only for strategies that say so.
-        return True
+        # Lightning adds a distributed sampler and syncs `self.log(sync_dist=True)` only
+        # for strategies that say so. Data is distributed over the replicas alone: with
+        # one replica every stage reads the user's loader, in the user's order (a
+        # DistributedSampler would reshuffle a shuffle=False loader), and a logged
+        # value is already the one-device value on every stage.
+        return self.dp_size > 1
 
     @property
     @override
@@ -260,7 +282,8 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
     def set_world_ranks(self) -> None:
         # Lightning calls this while building the Trainer: a bad layout fails there,
         # in the launching process, before any rank starts or blocks.
-        self._check_layout(self.num_nodes * self.num_processes)
+        shape = self._check_layout(self.num_nodes * self.num_processes)
+        self.pp_size, self.dp_size = shape.pp, shape.dp
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
@@ -288,7 +311,38 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        self._launcher = PipelineLauncher(
+            self.cluster_environment,
+            self.num_processes,
+            self.num_nodes,
+            check_before_launch=self._check_before_launch,
+        )
+
+    def _check_before_launch(self, trainer: Optional["pl.Trainer"], args: tuple) -> None:
+        """Raises, in the launching process before any other rank starts, what every rank would raise in setup."""
+        module = args[0] if args and isinstance(args[0], pl.LightningModule) else None
+        if module is None:
+            return
+        self._check_module(module, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
+        if is_overridden("configure_model", module) or self.balance == "time":
+            return  # the network (or the split) exists only once set up on each rank
+        plan_module_split(
+            module,
+            name=self.sequential_name,
+            num_stages=self.pp_size * self.virtual_stages,
+            balance=self.balance if not isinstance(self.balance, str) else None,
+        )
+
+    @staticmethod
+    def _check_module(module: "pl.LightningModule", *, fitting: bool) -> None:
+        if fitting and not module.automatic_optimization:
+            raise MisconfigurationException(
+                f"PPStrategy does not support manual optimization ({type(module).__name__}.automatic_optimization "
+                "is False): each training step runs the whole pipeline schedule, every microbatch's forward and "
+                "backward, inside training_step, so there is no loss left for manual_backward and no point at "
+                "which your optimizer calls could run. Use automatic optimization (return the loss from "
+                "training_step); gradient clipping, accumulation and LR schedulers work there."
+            )
 
     @override
     def setup_environment(self) -> None:
@@ -303,6 +357,13 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         if isinstance(launcher, _SubprocessScriptLauncher) and getattr(launcher, "procs", None):
             launcher.kill(_get_sigkill_signal())
 
+    #: The default group the topology was built under (weakly: a destroyed and
+    #: re-initialised default group means every group of the topology is gone).
+    _topology_world: Optional["weakref.ref[Any]"] = None
+    #: What the topology was built for: mesh shape, device type, backend, timeout.
+    _topology_key: Optional[tuple] = None
+    _exit_hook_registered: bool = False
+
     def _setup_distributed(self) -> None:
         reset_seed()
         self.set_world_ranks()
@@ -313,10 +374,12 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         backend = self._process_group_backend or platform.dist_backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        # NOTE: gloo groups still alive at interpreter shutdown can abort the process
-        # (see _release_at_exit), with any backend: device groups have gloo CPU twins.
-        atexit.register(_release_at_exit, weakref.ref(self))
-        self.topology = topology = build_topology(shape, device_type=self.root_device.type)
+        if not self._exit_hook_registered:
+            # NOTE: gloo groups still alive at interpreter shutdown can abort the process
+            # (see _release_at_exit), with any backend: device groups have gloo CPU twins.
+            atexit.register(_release_at_exit, weakref.ref(self))
+            self._exit_hook_registered = True
+        self.topology = topology = self._reuse_or_build_topology(shape, backend)
         # The mesh's groups exist even for axes of size one (a ParallelGroup of one has none).
         self._pp_group, self._dp_group = topology.mesh.get_group("pp"), topology.mesh.get_group("dp")
         self.pp_rank, self.dp_rank = topology.coords.pp, topology.coords.dp
@@ -333,15 +396,45 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             timeout=self._timeout,
         )
 
+    def _reuse_or_build_topology(self, shape: MeshShape, backend: str) -> RankTopology:
+        """The process groups for ``shape``: those of an earlier fit/validate/predict when they still fit.
+
+        Lightning calls ``setup_environment`` for every ``fit``, ``validate``,
+        ``test`` and ``predict``; building the mesh each time added its groups again
+        (4, 7, 10 groups over fit, validate, fit at pp=2), each holding communicators
+        (device memory on GPUs). Every rank takes the same branch at the same point,
+        which keeps group creation and destruction collective.
+        """
+        key = (shape, self.root_device.type, backend, self._timeout)
+        old, world = self.topology, self._topology_world
+        if old is not None and self._topology_key == key and world is not None and world() is dist.group.WORLD:
+            return old
+        if old is not None:
+            # A different layout replaces it (with a new default group, its groups are already gone).
+            tie_groups = list(self._tie_groups.values())
+            self._release_process_groups()
+            destroy_groups(tie_groups)
+            destroy_topology(old)
+        topology = build_topology(shape, device_type=self.root_device.type, timeout=self._timeout)
+        self._topology_key, self._topology_world = key, weakref.ref(dist.group.WORLD)
+        return topology
+
     def _release_process_groups(self) -> None:
         """Drops this strategy's references to its process groups (at exit: nothing communicates after)."""
         self._comm = None
         self._pp_group = self._dp_group = self._pp_cpu_group = self._replica_group = None
         self.topology = None
+        self._topology_key = self._topology_world = None
+        self._tie_groups, self._tied_parameters = {}, []
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
+        self._check_module(self.module, fitting=trainer.state.fn == TrainerFn.FITTING)
+        if self.dp_size == 1:
+            # With one replica every stage logs the one-device value already (sent from the
+            # last stage); Lightning's advice to add sync_dist=True does not apply.
+            warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
         self.accelerator.setup(trainer)
         num_stages = self.pp_size * self.virtual_stages
         local_stages = [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
@@ -355,15 +448,26 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             local_stages=local_stages,
             balance=self.balance,
         )
-        # Parameters outside the Sequential are copies held by every stage.
         self._pipelined_param_ids = frozenset(id(p) for p in self._pipelined.parameters())
+        # Parameters the module uses outside the Sequential are copies held by every stage
+        # (also one a layer of the Sequential shares, e.g. a head tied to layer 0).
+        prefix = self._pipelined_attr + "."
+        self._outside_param_ids = frozenset(
+            id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)
+        )
+        self._tied_parameters = self._tied_parameter_groups()
         self._cp_partial_ids = cp_partial_parameter_ids(self._pipelined) if self.cp_size > 1 else frozenset()
-        # Parameters outside the Sequential are copies on every stage, and tensor-parallel
-        # stages hold copies and shards: each distinct tensor counts once in a global norm.
-        pipelined_ids = self._pipelined_param_ids
+        # Copies over the pipeline (outside the Sequential, or tied across stages) and the
+        # shards and copies of tensor-parallel stages: each distinct tensor counts once in a
+        # global norm, a tied one on the first stage that holds it.
+        outside_ids = self._outside_param_ids
+        counted_elsewhere = frozenset(id(p) for p, _, first in self._tied_parameters if not first)
         assert self.topology is not None
         self._counted_in_norm = counts_once(
-            self._pipelined, self.topology, replicated_over_pipeline=lambda p: id(p) not in pipelined_ids
+            self._pipelined,
+            self.topology,
+            replicated_over_pipeline=lambda p: id(p) in outside_ids,
+            counted_elsewhere=lambda p: id(p) in counted_elsewhere,
         )
         if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
             raise ValueError(
@@ -372,7 +476,10 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
                 "(more devices) or context_parallel_size instead."
             )
         if self._trace_options is not None and self._tracer is None:
-            self._tracer = StepTracer(self._trace_options, self.global_rank, self.pp_rank, self.pp_size)
+            assert self.topology is not None
+            shape = self.topology.shape
+            replica_0 = [rank_of(RankCoords(pp=p, dp=0, cp=0, tp=0), shape) for p in range(self.pp_size)]
+            self._tracer = StepTracer(self._trace_options, self.global_rank, self.pp_rank, replica_0)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         # Before any step, graph capture or compile: creating a workspace runs collectives.
@@ -387,6 +494,34 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             sync_found_inf(scaler)
+
+    def _tied_parameter_groups(self) -> list[tuple[Tensor, dist.ProcessGroup, bool]]:
+        """This rank's copies of weights tied across stages: ``(copy, group of its holders, first holder?)``.
+
+        Each tie gets one group per replica (its holders' data-, context- and
+        tensor-parallel coordinates match), created by every rank in the same order,
+        once per layout (kept with the topology's groups).
+        """
+        assert self._pipelined is not None and self.topology is not None
+        shape = self.topology.shape
+        local_layers = [i for indices in self._pipelined.stage_slices.values() for i in indices]
+        named = dict(self._pipelined.named_parameters(remove_duplicate=False))
+        mine: list[tuple[Tensor, dist.ProcessGroup, bool]] = []
+        for tie in self._pipelined.ties:
+            pp_ranks = sorted({stage % self.pp_size for stage in tie.stages})
+            if len(pp_ranks) == 1:
+                continue  # interleaved stages of one rank: one copy, nothing to sum
+            for dp in range(shape.dp):
+                for cp in range(shape.cp):
+                    for tp in range(shape.tp):
+                        ranks = tuple(rank_of(RankCoords(pp=p, dp=dp, cp=cp, tp=tp), shape) for p in pp_ranks)
+                        group = self._tie_groups.get(ranks)
+                        if group is None:
+                            group = self._tie_groups[ranks] = dist.new_group(list(ranks), timeout=self._timeout)
+                        if self.global_rank in ranks:
+                            param = named[tie.local_name(local_layers)]
+                            mine.append((param, group, self.global_rank == ranks[0]))
+        return mine
 
     def _activation_dtype(self) -> torch.dtype:
         """The dtype the stage's fused all-reduces will see: the autocast dtype, else the parameters'."""
@@ -465,16 +600,47 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean"
     ) -> Union[Tensor, Any]:
         # Every stage of a replica holds the same logged value (sent from the last
-        # stage), so a world-wide mean equals the mean over replicas.
+        # stage): reduce over the data-parallel replicas, as DDP reduces over its ranks.
+        # A reduction over the world would count each replica pp times ("sum").
         if not isinstance(tensor, Tensor) or not dist.is_initialized():
             return tensor
-        with named_failures(f"reduce a logged value ({reduce_op}) over the replicas", group, timeout=self._timeout):
+        if _is_default_group(group):
+            if self.dp_size == 1:
+                return tensor
+            group = self._dp_group
+        with named_failures(f"reduce a value ({reduce_op}) over the replicas", group, timeout=self._timeout):
             return _sync_ddp(tensor, group=group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        with named_failures("all-gather a tensor", group, timeout=self._timeout):
+        # Over the replicas (the stages of one replica hold copies): one entry per
+        # replica, as DDP gives one per rank; one replica returns the tensor as one device does.
+        if _is_default_group(group):
+            if self.dp_size == 1:
+                return tensor
+            group = self._dp_group
+        with named_failures("all-gather a tensor over the replicas", group, timeout=self._timeout):
             return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # Lightning's version sums through `reduce` and compares with the world size;
+        # `reduce` covers the replicas only, so count the votes of every rank here.
+        if not dist.is_initialized():
+            return decision
+        votes = torch.tensor(int(decision), device=self.root_device)
+        with named_failures("agree on a decision (e.g. early stopping) over every rank", timeout=self._timeout):
+            dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return bool(votes == self.world_size) if all else bool(votes)
+
+
+#: Lightning's PossibleUserWarning for epoch-level values logged without sync_dist.
+_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
+
+
+def _is_default_group(group: Optional[Any]) -> bool:
+    """No group, or the world: what ``self.log(sync_dist=True)`` and ``self.all_gather`` pass by default."""
+    return group is None or (dist.is_initialized() and group is dist.group.WORLD)
 
 
 def _release_at_exit(strategy_ref: "weakref.ref[PPStrategy]") -> None:

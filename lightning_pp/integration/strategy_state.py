@@ -50,6 +50,11 @@ class PipelineStrategyState(ParallelStrategy):
         _pipelined, _pipelined_attr: this rank's stages, and the module attribute
             that held the ``nn.Sequential``.
         _pipelined_param_ids: ids of the parameters that live in the stages.
+        _outside_param_ids: ids of the parameters the module uses outside the
+            Sequential: every stage holds a copy, their gradients are summed over the pipeline.
+        _tied_parameters: this rank's copies of weights that layers of several stages
+            share, each with the group of its holders and whether this rank counts it
+            in the global norm; ``_tie_groups`` holds those groups by global ranks.
         _cp_partial_ids: parameters whose gradients are summed over cp.
         _counted_in_norm: which gradients this rank counts in the global norm.
 
@@ -81,6 +86,9 @@ class PipelineStrategyState(ParallelStrategy):
     _pipelined: Optional[PipelinedSequential]
     _pipelined_attr: str
     _pipelined_param_ids: frozenset[int]
+    _outside_param_ids: frozenset[int]
+    _tied_parameters: list[tuple[Tensor, dist.ProcessGroup, bool]]
+    _tie_groups: dict[tuple[int, ...], dist.ProcessGroup]
     _cp_partial_ids: frozenset[int]
     _counted_in_norm: Optional[Callable[[Tensor], bool]]
 
@@ -106,3 +114,5 @@ class PipelineStrategyState(ParallelStrategy):
     if TYPE_CHECKING:
         # Defined by StepsMixin, called by PredictMixin too.
         def _eval_step(self, hook: str, args: tuple, kwargs: dict, combine: str) -> Any: ...
+
+        def _check_same_on_pipeline(self, what: str, value: Any) -> None: ...

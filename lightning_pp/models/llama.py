@@ -68,6 +68,8 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    #: The most positions the model was trained for (``None``: not known, not checked).
+    max_position_embeddings: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.block_config()  # validates head counts
@@ -120,6 +122,7 @@ class DecoderConfig:
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
+            max_position_embeddings=int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None,
         )
 
 

@@ -95,7 +95,11 @@ def _shard_groups(module: nn.Module) -> dict[int, ParallelGroup]:
 
 
 def counts_once(
-    module: nn.Module, topology: RankTopology, *, replicated_over_pipeline: Callable[[torch.Tensor], bool]
+    module: nn.Module,
+    topology: RankTopology,
+    *,
+    replicated_over_pipeline: Callable[[torch.Tensor], bool],
+    counted_elsewhere: Callable[[torch.Tensor], bool] = lambda p: False,
 ) -> Callable[[torch.Tensor], bool]:
     """A predicate: does this rank's copy of a parameter enter the norm of the whole model?
 
@@ -103,7 +107,8 @@ def counts_once(
     group ``G`` has identical twins on the other cosets of ``G``; only the coset
     holding the stage's first rank counts it. Everything else is a copy on every
     rank of the stage and counts on the first rank only. Parameters every stage
-    holds (``replicated_over_pipeline``) count on the first stage only.
+    holds (``replicated_over_pipeline``) count on the first stage only; copies that
+    another stage counts (``counted_elsewhere``: a weight tied across stages) not here.
     """
     shape, me = topology.shape, topology.coords
     stage_first = rank_of(RankCoords(pp=me.pp, dp=me.dp, cp=0, tp=0), shape)
@@ -111,7 +116,7 @@ def counts_once(
     shard_groups = _shard_groups(module)
 
     def counted(p: torch.Tensor) -> bool:
-        if replicated_over_pipeline(p) and me.pp != 0:
+        if (replicated_over_pipeline(p) and me.pp != 0) or counted_elsewhere(p):
             return False
         group: Optional[ParallelGroup] = shard_groups.get(id(p))
         if group is None or group.size == 1:

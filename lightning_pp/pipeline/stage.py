@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from lightning_pp.pipeline.split import plan_stage_split
+from lightning_pp.pipeline.ties import TiedParameter, find_cross_stage_ties
 
 __all__ = [
     "PipelinedSequential",
@@ -22,6 +23,7 @@ __all__ = [
     "find_pipelined_sequential",
     "layer_weights",
     "partition_module",
+    "plan_module_split",
 ]
 
 
@@ -39,8 +41,11 @@ class PipelinedSequential(nn.Module):
         stage_slices: dict[int, range],
         num_layers: int,
         layout: tuple[int, Optional[tuple[int, ...]]] = (1, None),
+        ties: Sequence[TiedParameter] = (),
     ) -> None:
         super().__init__()
+        #: Parameters that layers of different stages share (a tied embedding and head).
+        self.ties = tuple(ties)
         #: ``(num_stages, balance)`` the split was made with, to refuse reuse under another.
         self.layout = layout
         for index, layer in layers.items():
@@ -109,6 +114,25 @@ def layer_weights(sequential: nn.Module) -> list[int]:
     return weights
 
 
+def plan_module_split(
+    module: nn.Module, *, name: Optional[str], num_stages: int, balance: Optional[Sequence[int]] = None
+) -> tuple[str, nn.Module, Optional[list[range]]]:
+    """The Sequential to pipeline and each stage's layers, checked but not applied.
+
+    Returns:
+        The attribute name, the Sequential, and its layer ranges per stage (``None``
+        when the module was split already).
+
+    Raises:
+        ValueError: no (or an ambiguous) ``nn.Sequential``, fewer layers than stages,
+            or a ``balance`` that does not fit.
+    """
+    attr, sequential = find_pipelined_sequential(module, name)
+    if isinstance(sequential, PipelinedSequential):
+        return attr, sequential, None
+    return attr, sequential, plan_stage_split(layer_weights(sequential), num_stages, balance)
+
+
 def partition_module(
     module: nn.Module,
     *,
@@ -124,7 +148,7 @@ def partition_module(
     Returns:
         The attribute name and the installed :class:`PipelinedSequential`.
     """
-    attr, sequential = find_pipelined_sequential(module, name)
+    attr, sequential, slices = plan_module_split(module, name=name, num_stages=num_stages, balance=balance)
     if isinstance(sequential, PipelinedSequential):
         layout = (num_stages, tuple(balance) if balance is not None else None)
         if sequential.layout != layout or set(sequential.stages) != set(local_stages):
@@ -133,12 +157,13 @@ def partition_module(
                 "model (or load it from a consolidated checkpoint) to use a different PPStrategy layout."
             )
         return attr, sequential
-    slices = plan_stage_split(layer_weights(sequential), num_stages, balance)
+    assert slices is not None
+    ties = find_cross_stage_ties(sequential, slices)
     layers = list(sequential.children())
     mine = {stage: slices[stage] for stage in local_stages}
     kept = {i: layers[i] for indices in mine.values() for i in indices}
     layout = (num_stages, tuple(balance) if balance is not None else None)
-    pipelined = PipelinedSequential(kept, mine, num_layers=len(layers), layout=layout)
+    pipelined = PipelinedSequential(kept, mine, num_layers=len(layers), layout=layout, ties=ties)
     setattr(module, attr, pipelined)
     return attr, pipelined
 

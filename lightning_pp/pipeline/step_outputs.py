@@ -2,18 +2,45 @@
 
 A step that returns (or logs) a per-row mean over its batch -- a loss, an accuracy
 -- is reproduced exactly by weighting each microbatch's value by its share of the
-batch's rows. Predictions are concatenated in microbatch order instead.
+batch's rows. Predictions are joined row by row instead, in microbatch order.
+
+What a row of a prediction is -- one rule for every place that cuts a prediction
+into rows or joins rows back (the microbatches of one batch, :func:`concat_outputs`;
+the batches of data-parallel replicas, :func:`split_rows` and :func:`join_rows`):
+
+* a tensor with at least one dim holds its rows along dim 0;
+* a ``list`` as long as the row count holds one value per row (token-id lists,
+  strings, per-row tensors of any shape), unless every entry is itself a tensor
+  with the rows in dim 0 (``[logits, probs]``): that is a group of outputs. When
+  microbatches are joined, a list reads the same in all of them: per-row when it
+  is as long as each microbatch's rows and not such a group in every microbatch;
+* tuples (named tuples too), dicts, and lists of any other length are structure:
+  each entry holds rows by these same rules;
+* anything else (numbers, strings, ``None``, 0-d tensors) is a value of the whole batch.
+
+Return a tuple, not a list, to group a fixed number of outputs: a list of ``k``
+non-tensor values from a batch (or microbatch) of ``k`` rows reads as per-row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from lightning_pp.tree import tree_map
+from lightning_pp.tree import TreeSpec, leaf_paths, tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["LogRecorder", "concat_outputs", "extract_loss", "weighted_mean"]
+__all__ = [
+    "LogRecorder",
+    "OutputRows",
+    "concat_outputs",
+    "extract_loss",
+    "is_row_list",
+    "join_rows",
+    "split_rows",
+    "weighted_mean",
+]
 
 
 def weighted_mean(values: Sequence[Any], weights: Sequence[float]) -> Any:
@@ -35,15 +62,200 @@ def weighted_mean(values: Sequence[Any], weights: Sequence[float]) -> Any:
     return tree_map(mean, values[0], *values[1:])
 
 
-def concat_outputs(outputs: Sequence[Any]) -> Any:
-    """Concatenates microbatch outputs along dim 0, through tuples, lists and dicts."""
+def _groups_rows(node: list, num_rows: int) -> bool:
+    """Every entry is a tensor with ``num_rows`` rows in dim 0: ``[logits, probs]``, a group of outputs."""
+    return bool(node) and all(
+        isinstance(entry, torch.Tensor) and entry.dim() > 0 and entry.shape[0] == num_rows for entry in node
+    )
 
-    def concat(first: Any, *rest: Any) -> Any:
-        if isinstance(first, torch.Tensor):
-            return torch.cat([first, *rest], dim=0) if first.dim() > 0 else first
-        return [first, *rest]
 
-    return tree_map(concat, outputs[0], *outputs[1:])
+def _per_row(lists: Sequence[list], num_rows: Sequence[int]) -> bool:
+    """Whether the lists at one place of several parts' outputs hold one value per row (module docstring).
+
+    Per-row when each is as long as its part's rows, unless every one of them groups
+    per-row tensors; a part where the reading is ambiguous (say one row, and one
+    tensor of one row) follows the parts where it is not.
+    """
+    if any(len(node) != n for node, n in zip(lists, num_rows)):
+        return False
+    return not all(_groups_rows(node, n) for node, n in zip(lists, num_rows))
+
+
+def is_row_list(node: Any, num_rows: int) -> bool:
+    """Whether ``node``, in an output of ``num_rows`` rows, is a list with one value per row (module docstring)."""
+    return isinstance(node, list) and _per_row([node], [num_rows])
+
+
+def _is_list(node: Any) -> bool:
+    return isinstance(node, list)
+
+
+def _row_lists(outputs: Sequence[Any], num_rows: Sequence[int]) -> set[int]:
+    """The ids of the per-row lists in ``outputs`` (parts of one or more batches), each place read alike in all."""
+    # Lists are kept whole, so each one is read in every part at once.
+    flat = [tree_flatten(output, is_leaf=_is_list) for output in outputs]
+    if any(spec != flat[0][0] for spec, _ in flat):
+        return set()  # the join reports the different structures
+    found: set[int] = set()
+    for j in range(len(flat[0][1])):
+        values = [leaves[j] for _, leaves in flat]
+        if not all(isinstance(v, list) for v in values):
+            continue
+        if _per_row(values, num_rows):
+            found.update(id(v) for v in values)
+        elif len({len(v) for v in values}) == 1:  # a group (or other structure): read each entry
+            for entries in zip(*values):
+                found |= _row_lists(entries, num_rows)
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - e.g. arrays, whose == is element-wise: not one truth value
+        return False
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+@dataclass(frozen=True)
+class OutputRows:
+    """One part's output (a microbatch's, a batch's) read by rows: :func:`split_rows` makes it, :func:`join_rows` joins.
+
+    Attributes:
+        spec: the output's structure, per-row lists counted as leaves.
+        paths: each leaf's path in the output, for error messages.
+        whole: for each leaf, whether it is a value of the whole part, not per row.
+        leaves: the output's leaves.
+        num_rows: the part's row count.
+    """
+
+    spec: TreeSpec
+    paths: list[str]
+    whole: tuple[bool, ...]
+    leaves: list[Any]
+    num_rows: int
+
+    def take(self, start: int, stop: int) -> "OutputRows":
+        """Rows ``start`` to ``stop`` (exclusive) alone; whole-part values are kept.
+
+        Raises:
+            ValueError: a tensor's dim 0 is not the part's row count (so its rows are unknown).
+        """
+        leaves = []
+        for leaf, path, whole in zip(self.leaves, self.paths, self.whole):
+            if isinstance(leaf, torch.Tensor) and not whole and leaf.shape[0] != self.num_rows:
+                raise ValueError(
+                    f"predict_step's output{path} is {_describe(leaf)} for a batch of {self.num_rows} rows, so "
+                    f"PPStrategy cannot cut it into rows to regroup the data-parallel replicas' rows into the batches "
+                    f"one device makes. {_PER_ROW_ONLY}"
+                )
+            leaves.append(leaf if whole else leaf[start:stop])
+        return OutputRows(self.spec, self.paths, self.whole, leaves, stop - start)
+
+
+_PER_ROW_ONLY = (
+    "Return per-row values only (tensors with the rows in dim 0, lists with one entry per row, inside tuples/dicts), "
+    "or write each replica's predictions with a BasePredictionWriter and call "
+    "trainer.predict(..., return_predictions=False)."
+)
+_FEWER_PARTS = (
+    "The pipeline runs predict_step on parts of a batch, so it cannot give what one device computes for the whole "
+    "batch: return it per row (a tensor with the rows in dim 0, or a list with one entry per row), or use "
+    "PPStrategy(num_microbatches=1)."
+)
+
+
+def split_rows(outputs: Sequence[Any], num_rows: Sequence[int]) -> list[OutputRows]:
+    """Reads each of ``outputs`` (parts with ``num_rows`` rows each) by rows, every list read alike in all of them."""
+    row_lists = _row_lists(outputs, num_rows)
+
+    def is_leaf(node: Any) -> bool:
+        return isinstance(node, list) and id(node) in row_lists
+
+    parts = []
+    for output, n in zip(outputs, num_rows):
+        spec, leaves = tree_flatten(output, is_leaf=is_leaf)
+        whole = tuple(not (is_leaf(leaf) or (isinstance(leaf, torch.Tensor) and leaf.dim() > 0)) for leaf in leaves)
+        parts.append(OutputRows(spec, leaf_paths(output, is_leaf=is_leaf), whole, leaves, n))
+    return parts
+
+
+def _join(parts: Sequence[OutputRows], of: str, whole_hint: str) -> Any:
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.spec, part.whole) != (first.spec, first.whole):
+            raise ValueError(
+                f"predict_step's outputs for the {of} differ in structure (leaves {first.paths} vs {part.paths}). "
+                "Return the same tuple/dict structure for every batch, with the same kind of value at each place: "
+                "per-row values (a tensor with the rows in dim 0, a list with one entry per row) or whole-batch ones."
+            )
+    joined = []
+    for j, path in enumerate(first.paths):
+        values = [part.leaves[j] for part in parts]
+        if first.whole[j]:
+            different = next((v for v in values[1:] if not _same(values[0], v)), None)
+            if different is not None:
+                raise ValueError(
+                    f"predict_step's output{path} is a value of the whole batch, not one per row, and it differs "
+                    f"between the {of} ({_describe(values[0])} vs {_describe(different)}). {whole_hint}"
+                )
+            joined.append(values[0])
+        elif all(isinstance(v, list) for v in values):
+            joined.append([entry for v in values for entry in v])
+        else:
+            try:
+                joined.append(torch.cat(values, dim=0))
+            except RuntimeError as error:
+                raise ValueError(
+                    f"predict_step's output{path} has shapes {[tuple(v.shape) for v in values]} in the {of}, which "
+                    f"do not concatenate in dim 0 ({error}). Return tensors whose dims after the first match across "
+                    "batches (pad them), or a list with one entry per row (e.g. a list of per-row tensors)."
+                ) from error
+    return tree_unflatten(first.spec, joined)
+
+
+def concat_outputs(outputs: Sequence[Any], num_rows: Sequence[int]) -> Any:
+    """Joins the outputs of a batch's microbatches into the output one device computes for the whole batch.
+
+    Rows (see the module docstring) are joined in microbatch order: tensors are
+    concatenated along dim 0 and per-row lists chained, through tuples, dicts and
+    grouping lists. A value of the whole batch is kept when every microbatch
+    returned the same one.
+
+    Args:
+        outputs: each microbatch's output, in order.
+        num_rows: each microbatch's row count.
+
+    Raises:
+        ValueError: the outputs differ in structure, or return different values of
+            the whole batch; the message says what output works.
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    return _join(split_rows(outputs, num_rows), "microbatches of one batch", _FEWER_PARTS)
+
+
+def join_rows(parts: Sequence[OutputRows]) -> Any:
+    """One batch's output made of ``parts`` (rows of other batches' outputs, from :meth:`OutputRows.take`), in order.
+
+    A value of the whole batch is kept when every part has the same one.
+
+    Raises:
+        ValueError: the parts' outputs differ in structure, a whole-batch value
+            differs between them, or their tensors differ in dims past the first.
+    """
+    return _join(parts, "batches that a one-device batch takes rows from", _PER_ROW_ONLY)
 
 
 def extract_loss(step_output: Any) -> torch.Tensor:

@@ -36,6 +36,12 @@ of a tick is then the larger of compute and communication, not their sum; the
 price is ``p - 1`` more ticks of fill, once per run. The exchange order is the
 same parity order, walked by one thread per rank, so the deadlock argument holds.
 
+Every wait has a deadline, the caller's: each transfer waits at most the
+``PipeComm``'s ``timeout`` (the one given to ``PPStrategy``), and a failed transfer
+on the communication thread is re-raised, as it is, on the compute thread, naming
+the peer. The compute thread's own waits give up only once the communication thread
+has made no progress for longer than a transfer may take.
+
 This module knows nothing of Lightning: :class:`StreamingPipeline` takes the
 rank's stage, a :class:`~lightning_pp.distributed.p2p.PipeComm` and three callbacks.
 """
@@ -46,6 +52,8 @@ import dataclasses
 import pickle
 import queue
 import threading
+import time
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
@@ -201,7 +209,13 @@ class StreamingPipeline:
             compute (``lag=2``); ``False`` runs them inline (``lag=1``).
         platform: records an event after each compute that the communication thread
             waits on before sending (device work is asynchronous).
-        timeout: longest wait, in seconds, for the communication thread.
+        timeout: the caller's deadline for one transfer; ``None`` takes ``comm.timeout``
+            (``PPStrategy`` builds its ``PipeComm`` with ``PPStrategy(timeout=...)``, so
+            the streaming predict and generation use the strategy's deadline). The
+            compute thread gives up waiting for the communication thread after this
+            long without progress, plus a margin so that the transfer's own, named
+            error arrives first. ``None`` everywhere: the transfers end at the process
+            group's timeout, and that failure ends the wait.
     """
 
     def __init__(
@@ -217,7 +231,7 @@ class StreamingPipeline:
         on_result: Callable[[int, Any], None],
         overlap: bool = True,
         platform: Optional[Any] = None,
-        timeout: float = 1800.0,
+        timeout: Optional[timedelta] = None,
     ) -> None:
         if pp_size > 1 and comm is None:
             raise ValueError("A streaming pipeline over several ranks needs a PipeComm.")
@@ -229,7 +243,9 @@ class StreamingPipeline:
         self.overlap = overlap and pp_size > 1
         self.lag = 2 if self.overlap else 1
         self.platform = platform
-        self.timeout = timeout
+        if timeout is None and comm is not None:
+            timeout = comm.timeout
+        self.timeout: Optional[timedelta] = timeout
         #: The next tick to run.
         self.tick = 0
         self._inputs: dict[int, Any] = {}
@@ -238,6 +254,9 @@ class StreamingPipeline:
         self._cond = threading.Condition()
         self._exchanged = -1  # last tick whose exchange completed
         self._error: Optional[BaseException] = None
+        self._error_raised = False  # the compute thread already re-raised `_error`
+        self._progress_at = time.monotonic()  # the communication thread's last sign of life
+        self._comm_done = False  # the communication thread has returned
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._in_flight = 0  # outputs handed to the communication thread, not yet sent
@@ -279,13 +298,18 @@ class StreamingPipeline:
             self._wait(lambda: self._exchanged >= last_tick or self.pp_size == 1, f"the exchange of tick {last_tick}")
 
     def close(self) -> None:
-        """Stops the communication thread (after the exchanges handed to it)."""
-        if self._thread is not None:
+        """Stops the communication thread (after the exchanges handed to it).
+
+        Raises the communication thread's failure, unless a wait already raised it.
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            self._thread.join(timeout=self.timeout)
-            self._thread = None
-        if self._error is not None:
-            raise RuntimeError(f"pipeline rank {self.pp_rank}: the communication thread failed") from self._error
+            if self._error is None:
+                self._wait(lambda: self._comm_done, "the last exchanges to finish")
+            thread.join()  # it has returned, or is returning after a failure
+        if self._error is not None and not self._error_raised:
+            self._raise_error()
 
     # -- inside ------------------------------------------------------------------------------
     def _note_peak(self, outputs: int) -> None:
@@ -299,11 +323,48 @@ class StreamingPipeline:
             return self._inputs.pop(g)
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Waits for the communication thread until ``ready()``; re-raises its failure.
+
+        Every transfer is bounded by :attr:`timeout`, and a failed one wakes this wait
+        with its own error. The deadline here is a backstop for a communication thread
+        that stops making progress without failing: it counts from the thread's last
+        sign of life (taking an item, starting a transfer), not from the start of
+        the wait, since one wait may legitimately span several transfers.
+        """
+        transfer_s = None if self.timeout is None else self.timeout.total_seconds()
+        # A margin, so that a stalled transfer's own (named) error arrives first.
+        limit = None if transfer_s is None else transfer_s + max(1.0, 0.1 * transfer_s)
         with self._cond:
-            if not self._cond.wait_for(lambda: self._error is not None or ready(), timeout=self.timeout):
-                raise TimeoutError(f"pipeline rank {self.pp_rank} waited {self.timeout:.0f} s for {what}")
+            start = time.monotonic()
+            while self._error is None and not ready():
+                if limit is None:
+                    self._cond.wait()
+                    continue
+                idle = time.monotonic() - max(start, self._progress_at)
+                if idle >= limit:
+                    raise TimeoutError(
+                        f"pipeline rank {self.pp_rank} waited {idle:.0f} s for {what}, and its communication thread "
+                        f"made no progress in that time although each transfer may take at most "
+                        f"{transfer_s:g} s (PPStrategy(timeout=...)). Find what the communication "
+                        "thread 'lightning_pp-ring' is doing (py-spy dump --pid <pid>)."
+                    )
+                self._cond.wait(limit - idle)
             if self._error is not None:
-                raise RuntimeError(f"pipeline rank {self.pp_rank}: the communication thread failed") from self._error
+                self._raise_error()
+
+    def _raise_error(self) -> None:
+        """Re-raises the communication thread's failure, unchanged, on the calling thread.
+
+        A :class:`~lightning_pp.distributed.errors.PipeCommError` already names this
+        rank, the peer and the deadline: wrapping it would bury that under a generic line.
+        """
+        error = self._error
+        assert error is not None
+        if not self._error_raised:
+            self._error_raised = True
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"raised on pipeline rank {self.pp_rank}'s communication thread (lightning_pp-ring)")
+        raise error
 
     def _hand_over(self, tick: int, transfers: tuple[Transfer, ...], output: Any) -> None:
         if self._thread is None:
@@ -322,25 +383,37 @@ class StreamingPipeline:
         self._queue.put((tick, transfers, output, event))
 
     def _communicate(self, inference: bool) -> None:
-        with torch.inference_mode(inference):
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                tick, transfers, output, event = item
-                try:
-                    if event is not None:
-                        event.synchronize()  # the compute that made `output` has finished
-                    self._exchange(tick, transfers, output)
-                except BaseException as error:  # noqa: BLE001 - handed to the compute thread
-                    with self._cond:
-                        self._error = error
-                        self._cond.notify_all()
-                    return
+        try:
+            with torch.inference_mode(inference):
+                while True:
+                    item = self._queue.get()
+                    self._note_progress()
+                    if item is None:
+                        return
+                    tick, transfers, output, event = item
+                    try:
+                        if event is not None:
+                            event.synchronize()  # the compute that made `output` has finished
+                        self._exchange(tick, transfers, output)
+                    except BaseException as error:  # noqa: BLE001 - handed to the compute thread
+                        with self._cond:
+                            self._error = error
+                            self._cond.notify_all()
+                        return
+        finally:
+            with self._cond:
+                self._comm_done = True
+                self._cond.notify_all()
+
+    def _note_progress(self) -> None:
+        # A plain store: the waiting thread reads it under the condition's lock and
+        # re-checks its deadline at least once per transfer timeout.
+        self._progress_at = time.monotonic()
 
     def _exchange(self, tick: int, transfers: tuple[Transfer, ...], output: Any) -> None:
         comm = self.comm
         for transfer in transfers:
+            self._note_progress()
             if comm is None:
                 raise RuntimeError(
                     f"pipeline rank {self.pp_rank} has a ring transfer to run but no PipeComm "

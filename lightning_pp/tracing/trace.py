@@ -95,13 +95,21 @@ class StepTracer:
 
     Every rank calls :meth:`step` around each training step. The first recorded
     step starts with a barrier and a clock reset; after the last one the ranks'
-    events are gathered and global rank 0 writes the trace (and the picture).
+    events are gathered and global rank 0 writes the trace (every rank, one track
+    each) and the picture of one pipeline.
+
+    Args:
+        options: what to record, and where.
+        rank, pp_rank: this process's global rank and pipeline rank.
+        drawn_ranks: the global ranks of the pipeline to draw, in stage order (with
+            data parallelism, replica 0's: they are not ranks ``0..pp-1`` when the
+            pipeline axis is outermost).
     """
 
-    def __init__(self, options: TraceOptions, rank: int, pp_rank: int, pp_size: int) -> None:
+    def __init__(self, options: TraceOptions, rank: int, pp_rank: int, drawn_ranks: Sequence[int]) -> None:
         self.options = options
         self.recorder = TraceRecorder(rank, pp_rank, options.steps)
-        self.pp_size = pp_size
+        self.drawn_ranks = tuple(drawn_ranks)
         self._count = 0
         self.written: Optional[str] = None
 
@@ -130,13 +138,15 @@ class StepTracer:
             return
         os.makedirs(self.options.dir, exist_ok=True)
         path = os.path.join(self.options.dir, "trace.json")
-        write_chrome_trace(events, path, metadata=describe)
+        drawn = [e for e in events if e.rank in self.drawn_ranks]
+        bubble = measured_bubble(drawn, last_step)
+        metadata = {**describe, "drawn_ranks": list(self.drawn_ranks), "measured_bubble": bubble}
+        write_chrome_trace(events, path, metadata=metadata)
         self.written = path
         if self.options.png:
             from lightning_pp.pipeline.simulation import ideal_bubble_fraction
             from lightning_pp.tracing.timeline import draw_timeline
 
-            first_replica = [e for e in events if e.rank < self.pp_size]
             title = (
                 f"{describe.get('schedule')}: pp={describe.get('pp_size')}, m={describe.get('num_microbatches')} "
                 f"(measured, step {last_step}, replica 0)"
@@ -145,7 +155,7 @@ class StepTracer:
                 int(describe["pp_size"]), int(describe["num_microbatches"]), int(describe.get("virtual_stages", 1))
             )
             draw_timeline(
-                events_to_timeline(first_replica, last_step),
+                events_to_timeline(drawn, last_step),
                 os.path.join(self.options.dir, "timeline.png"),
                 title=title,
                 ideal_bubble=ideal,

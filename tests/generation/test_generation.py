@@ -351,3 +351,56 @@ def test_four_stages_with_blocking_sends(checkpoint, eos_and_references):
     eos, refs = eos_and_references
     results = run_on_ranks(_pp_rank, 4, checkpoint[0], eos, runs, init_process_group=False, timeout=150)
     _check(results, 4, runs, refs)
+
+
+# -- bad input: errors that name the fix, before any generation -----------------------------------
+def _predict_one_device(path, prompts, collate=collate_prompts, **kw):
+    model = GenerationModule(DecoderLM.from_pretrained(path), **kw)
+    kwargs = {"collate_fn": collate} if collate is not None else {}
+    loader = DataLoader(PromptDataset(prompts), batch_size=4, **kwargs)
+    return L.Trainer(accelerator="cpu", devices=1, **trainer_kwargs()).predict(model, loader)
+
+
+def test_ragged_prompts_without_collate_prompts_say_so(checkpoint):
+    with pytest.raises(ValueError, match="Pass collate_fn=collate_prompts"):
+        _predict_one_device(checkpoint[0], PROMPTS, collate=None, max_new_tokens=2)
+
+
+def test_token_ids_outside_the_vocabulary_are_named(checkpoint):
+    with pytest.raises(ValueError, match=rf"prompt 1 of batch 0 holds token id {VOCAB}, outside .* {VOCAB} ids"):
+        _predict_one_device(checkpoint[0], [[1, 2], [3, VOCAB]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds token id -1"):
+        _predict_one_device(checkpoint[0], [[1, -1]], max_new_tokens=2)
+
+
+def test_positions_past_the_model_are_refused(checkpoint):
+    # The checkpoint's max_position_embeddings is 256.
+    with pytest.raises(ValueError, match=r"has 250 tokens; with max_new_tokens=10 .* max_position_embeddings=256"):
+        _predict_one_device(checkpoint[0], [[1] * 250], max_new_tokens=10)
+    assert len(_predict_one_device(checkpoint[0], [[1] * 250], max_new_tokens=6)[0][0]) == 6
+
+
+def _strategy_microbatches(rank, world_size, path, eos):
+    from lightning_pp import PPStrategy
+
+    model = GenerationModule(DecoderLM.from_pretrained(path), eos_token_ids=(eos,), max_new_tokens=5)
+    loader = DataLoader(PromptDataset(PROMPTS), batch_size=7, collate_fn=collate_prompts)
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=PPStrategy(num_microbatches=3),
+                        **trainer_kwargs())
+    out = trainer.predict(model, loader)
+    conflicting = GenerationModule(DecoderLM.from_pretrained(path), num_microbatches=2)
+    try:
+        trainer.predict(conflicting, loader)
+    except ValueError as error:
+        return out, str(error)
+    return out, "no error"
+
+
+def test_strategy_microbatches_reach_generation(checkpoint, eos_and_references):
+    path, _ = checkpoint
+    eos, _ = eos_and_references
+    reference = _predict_one_device(path, PROMPTS, eos_token_ids=(eos,), max_new_tokens=5, num_microbatches=3)
+    results = run_on_ranks(_strategy_microbatches, 2, path, eos, init_process_group=False, timeout=180)
+    assert [seq for batch in results[0][0] for seq in batch] == [seq for batch in reference for seq in batch]
+    for _, message in results:
+        assert "GenerationModule(num_microbatches=2) and PPStrategy(num_microbatches=3) disagree" in message

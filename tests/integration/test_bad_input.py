@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -191,3 +196,46 @@ def test_a_model_split_for_one_layout_is_not_reused_under_another():
         partition_module(model, name=None, num_stages=4, local_stages=[0])
     with pytest.raises(ValueError, match="already split for another pipeline layout"):
         partition_module(model, name=None, num_stages=2, local_stages=[0], balance=[1, 6])
+
+
+# -- as a user runs it: `python train.py` with devices=2 (Lightning's launcher) ----------------
+JOB = Path(__file__).parents[1] / "pp_job.py"
+
+LAUNCHED = {
+    # Every rank would raise these: they are raised once, before any other rank starts.
+    "one-layer": "The pipelined nn.Sequential has 1 layers, fewer than the 2 pipeline stages",
+    "no-sequential": "PPStrategy found no nn.Sequential",
+    "manual": "PPStrategy does not support manual optimization",
+    # Raised on every rank after the launch (the network is built in configure_model).
+    "late-one-layer": "The pipelined nn.Sequential has 1 layers, fewer than the 2 pipeline stages",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", LAUNCHED)
+def test_a_bad_configuration_ends_with_exit_code_1_and_its_reason_last(model, tmp_path):
+    job = subprocess.run(
+        [sys.executable, str(JOB), "--out", str(tmp_path), "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = [line for line in (job.stdout + job.stderr).strip().splitlines() if line.strip()]
+    assert job.returncode == 1, (job.returncode, lines[-20:])
+    assert LAUNCHED[model] in "\n".join(lines[-3:]), lines[-20:]
+    started = sorted(p.name for p in tmp_path.glob("rank*.json"))
+    if model != "late-one-layer":
+        assert started == [], "no rank may start before the check"
+
+
+def test_manual_optimization_is_refused_before_training():
+    class Manual(LitLM):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    strategy = PPStrategy(pipeline_parallel_size=1)
+    with pytest.raises(Exception, match="does not support manual optimization"):
+        strategy._check_module(Manual(), fitting=True)
+    strategy._check_module(Manual(), fitting=False)  # validate and predict need no optimizer

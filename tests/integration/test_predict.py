@@ -95,8 +95,8 @@ def test_regrouping_replicas_drops_padding_and_restores_order():
     dicts = gather_replica_predictions([([{"a": rows[[1, 0]]}], [[1, 0]])], batch_size=None)
     assert dicts[0]["a"].flatten().tolist() == [0, 1]
     ragged = ([torch.zeros(1, 2), torch.zeros(1, 3)], [[0], [1]])
-    with pytest.warns(UserWarning, match="could not regroup"):
-        assert gather_replica_predictions([ragged], batch_size=2) is None
+    with pytest.raises(ValueError, match="do not concatenate in dim 0"):  # never a silent fallback
+        gather_replica_predictions([ragged], batch_size=2)
 
 
 class _RecordingPlatform:

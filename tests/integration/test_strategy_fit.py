@@ -17,7 +17,7 @@ import torch
 from lightning_pp.distributed.topology import MeshShape, RankCoords, rank_of
 
 from blocking import RendezvousTransport
-from lit_models import LitLM, make_loader, trainer_kwargs
+from lit_models import LitLM, TiedLM, make_loader, trainer_kwargs
 from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ class Recorder(L.Callback):
 
 def _run(cfg: dict, devices: int, strategy) -> dict:
     L.seed_everything(0)
-    model = LitLM(num_blocks=cfg.get("blocks", 4))
+    model = (TiedLM if cfg.get("tied") else LitLM)(num_blocks=cfg.get("blocks", 4))
     recorder = Recorder()
     plugins = []
     if cfg.get("fp16"):
@@ -147,8 +147,29 @@ def test_four_stages_match_one_device(schedule):
     _check(run_on_ranks(_pp_rank, world, cfg, init_process_group=False, timeout=180), _reference(cfg))
 
 
-def test_two_replicas_of_two_stages_match_ddp():
-    cfg = dict(pp=2, m=4, dp_sampler=True, val=True)
+TIED = {
+    "pp2-clip": (2, dict(pp=2, m=4, tied=True, clip=0.05, epochs=2)),
+    "pp4": (4, dict(pp=4, m=4, tied=True)),
+    "interleaved-pp2": (2, dict(pp=2, m=4, tied=True, schedule="Interleaved1F1B")),
+}
+
+
+@pytest.mark.parametrize("case", TIED)
+def test_a_head_tied_to_the_embedding_matches_one_device(case):
+    """The first and last stage each keep a copy of the tied weight; both train as the one weight does."""
+    world, cfg = TIED[case]
+    results = run_on_ranks(_pp_rank, world, cfg, init_process_group=False, timeout=180)
+    ref = _reference(cfg)
+    _check(results, ref)
+    last = len(ref["state"]) and max(int(n.split(".")[1]) for n in ref["state"] if n.startswith("layers."))
+    first_copy = results[0]["state"]["layers.0.weight"]
+    last_copy = next(r["state"][f"layers.{last}.weight"] for r in results if f"layers.{last}.weight" in r["state"])
+    assert torch.equal(first_copy, last_copy), "the copies of a tied weight must stay identical"
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_two_replicas_of_two_stages_match_ddp(tied):
+    cfg = dict(pp=2, m=4, dp_sampler=True, val=True, tied=tied)
     ddp = run_on_ranks(_ddp_rank, 2, cfg, init_process_group=False)
     pp = run_on_ranks(_pp_rank, 4, cfg, init_process_group=False, timeout=180)
     for replica in (0, 1):

@@ -9,7 +9,9 @@ import lightning as L
 import pytest
 from torch import nn
 
+from lightning_pp.pipeline.recorder import TraceEvent
 from lightning_pp.pipeline.schedules import build_schedule
+from lightning_pp.tracing.trace import events_to_timeline, measured_bubble
 
 from lit_models import Block, LitLM, make_loader, trainer_kwargs
 from multirank import run_on_ranks
@@ -24,12 +26,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAVE_MATPLOTLIB = False
 
 
-def _traced_fit(rank, world_size, trace_dir):
+def _traced_fit(rank, world_size, trace_dir, pp=None):
     from lightning_pp import PPStrategy
     from lightning_pp.tracing.trace import TraceOptions
 
     L.seed_everything(0)
-    strategy = PPStrategy(num_microbatches=4, trace=TraceOptions(trace_dir, steps=(1, 2), png=HAVE_MATPLOTLIB))
+    options = TraceOptions(trace_dir, steps=(1, 2), png=HAVE_MATPLOTLIB)
+    strategy = PPStrategy(pipeline_parallel_size=pp, num_microbatches=4, trace=options)
     trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, **trainer_kwargs())
     trainer.fit(LitLM(), make_loader(num_items=32, batch_size=8))
     return strategy._tracer.written
@@ -57,6 +60,25 @@ def test_trace_holds_every_executed_action_in_order(tmp_path, world_size):
     assert not [e for e in spans if e["args"]["step"] not in (1, 2)]
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trace_with_data_parallelism_draws_one_whole_pipeline(tmp_path):
+    # dp=2 x pp=2: the pipeline axis is outermost, so replica 0 is global ranks {0, 2}.
+    written = run_on_ranks(_traced_fit, 4, str(tmp_path), 2, init_process_group=False, timeout=240)
+    assert written[0] == str(tmp_path / "trace.json")
+    data = json.loads((tmp_path / "trace.json").read_text())
+    assert data["metadata"]["drawn_ranks"] == [0, 2]
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X" and e["args"]["step"] == 2]
+    assert sorted({e["pid"] for e in spans}) == [0, 1, 2, 3], "the trace keeps a track for every rank"
+    events = [
+        TraceEvent(e["pid"], e["args"]["pp_rank"], 2, e["cat"], e["args"]["stage"], e["args"]["microbatch"],
+                   e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["args"]["peer"])
+        for e in spans if e["pid"] in (0, 2)
+    ]
+    timeline = events_to_timeline(events, 2)
+    # One track per stage, each holding its own stage's forwards and backwards only.
+    assert [sorted({t.action.stage for t in track}) for track in timeline] == [[0], [1]]
+    assert data["metadata"]["measured_bubble"] == pytest.approx(measured_bubble(events, 2), abs=1e-6)
 
 
 class SlowBlock(Block):
