@@ -184,31 +184,34 @@ def _name_of(p: torch.Tensor, names: Mapping[int, str]) -> str:
 
 
 # -- one-device parameter order --------------------------------------------------------------
-def param_order_key(module: nn.Module, pipelined_attr: str) -> dict[str, tuple[int, int, int]]:
+def param_order_key(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """For each local parameter name, a key that sorts names in the *unsplit* module's order.
 
-    ``named_parameters()`` of the whole module lists the module's own parameters,
-    then each child in registration order; the pipelined Sequential's layers are in
-    index order. Every rank can compute the key of its names, so merging the ranks'
-    names by key gives the one-device order without any rank holding the whole model.
+    ``named_parameters()`` walks the module tree depth first: a module's own
+    parameters, then each child in registration order. The key of ``a.b.w`` is the
+    path of child positions to its module, then ``(-1, position of w)``, so a module's
+    own parameters sort before its children's. A child named by a number (a layer
+    of a Sequential or ModuleList) is placed by that number, which every split keeps
+    (a pipelined Sequential registers only its layers, under their original
+    indices). Every rank computes the key of its names, so merging the ranks' names
+    by key gives the one-device order without any rank holding the whole model.
     """
-    own = list(module._parameters)
-    children = list(module._modules)
     keys = {}
-    for local_index, (name, _) in enumerate(module.named_parameters()):
-        first, _, rest = name.partition(".")
-        if not rest:
-            keys[name] = (-1, own.index(first), 0)
-        else:
-            layer = int(rest.split(".", 1)[0]) if first == pipelined_attr else 0
-            keys[name] = (children.index(first), layer, local_index)
+    for name, _ in module.named_parameters():
+        *path, leaf = name.split(".")
+        key: list[int] = []
+        owner = module
+        for part in path:
+            key.append(int(part) if part.isdigit() else list(owner._modules).index(part))
+            owner = owner._modules[part]  # type: ignore[assignment]
+        keys[name] = (*key, -1, list(owner._parameters).index(leaf))
     return keys
 
 
 def gather_param_group_names(
     optimizers: Sequence[torch.optim.Optimizer],
     names: Mapping[int, str],
-    order: Mapping[str, tuple[int, int, int]],
+    order: Mapping[str, tuple[int, ...]],
     group: Optional[dist.ProcessGroup],
 ) -> list[list[list[str]]]:
     """Each optimizer group's parameter names over the whole pipeline, in one-device order.

@@ -1,4 +1,4 @@
-"""Greedy KV-cached generation through a pipeline of decoder stages.
+"""KV-cached generation and scoring through a pipeline of decoder stages.
 
 The sequences of a batch are dealt into ``M`` *slots* (microbatches); each
 forward of a slot advances all of its live sequences by one step: a prefill
@@ -23,6 +23,26 @@ frees their cache; when a slot has no live sequences left the first stage sends
 a *sentinel* through it instead. Each stage decides whether forward ``g``
 exists from what it has itself seen of slot ``g % M`` (its sentinel, if any),
 so all stages agree without any extra message.
+
+Each forward carries a *header* (which sequences, how many new rows each, from
+which position, which of them pick a token) packed into one int64 tensor whose
+first five numbers give its length, so a later stage reads it with a single
+device-to-host copy; the first stage built it and never reads it back. The last
+stage returns only the picked tokens (or, when scoring, the log-probabilities),
+in the order of the forward's sequences: the first stage remembers what each
+forward in flight carried. Per forward, two host round trips remain, both
+needed by the protocol: later stages read the header (the KV cache and the
+attention masks are managed on the host), and the first stage reads the tokens
+(the host decides who stops and launches the next step's ids).
+
+Sampling happens on the last stage, where the logits are
+(:mod:`lightning_pp.generation.sampling`): the random number of a sequence's
+token is a function of the seed, the prompt's key (its dataset index) and the
+position, so every layout draws the same tokens. Scoring (:meth:`PipelineGenerator.score`)
+prefills ``prompt + continuation`` and returns the log-probabilities of the
+continuation's tokens; nothing is decoded. Every stage holds every prompt (they
+are small), so the last stage finds the tokens to score and each prompt's
+random stream itself, and nothing but the header travels forward.
 
 Deferred host-to-device copy: prompts stay on the host (pinned where the
 platform copies asynchronously) until the rows of a forward are launched;
@@ -50,6 +70,7 @@ a tick's compute, which every rank of a stage runs for the same ``g``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -67,7 +88,8 @@ from lightning_pp.generation.chunking import (
     profile_latency,
     share_latency_model,
 )
-from lightning_pp.generation.kv_cache import KVCache, StepRows
+from lightning_pp.generation.kv_cache import KVCache, StepRows, host_to_device
+from lightning_pp.generation.sampling import SamplingParams, sample_tokens
 from lightning_pp.parallel.dp_attention import gather_batch_info
 from lightning_pp.pipeline.streaming import StreamingPipeline
 from lightning_pp.platform import Platform, current_platform
@@ -140,28 +162,82 @@ def resolve_input_ids(host_ids: Optional[torch.Tensor], device: torch.device, pl
     return platform.to_device(host_ids, device)
 
 
-_HEADER_KEYS = ("slot", "seq_ids", "num_new", "start", "sample", "dp_rows")
+@dataclass(frozen=True)
+class _Header:
+    """What every stage must know about forward ``g``, sent as one int64 tensor.
+
+    Packed as ``[slot, g, sentinel, B, C, seq_ids (B), num_new (B), start (B),
+    sample (B), dp_rows (C)]``: a fixed five-number head that says how long the
+    rest is, so a stage reads the whole header with one device-to-host copy.
+    ``sample[i]`` says whether the last stage picks a token after sequence ``i``'s
+    rows (its prompt is complete); ``dp_rows`` holds every attention-DP rank's row
+    count (empty without data-parallel attention).
+    """
+
+    slot: int
+    g: int
+    sentinel: bool
+    seq_ids: tuple[int, ...] = ()
+    num_new: tuple[int, ...] = ()
+    start: tuple[int, ...] = ()
+    sample: tuple[int, ...] = ()
+    dp_rows: tuple[int, ...] = ()
+
+    def pack(self) -> list[int]:
+        head = [self.slot, self.g, int(self.sentinel), len(self.seq_ids), len(self.dp_rows)]
+        return head + [*self.seq_ids, *self.num_new, *self.start, *self.sample, *self.dp_rows]
+
+    @classmethod
+    def unpack(cls, values: Sequence[int]) -> "_Header":
+        slot, g, sentinel, b, c = values[:5]
+        body = values[5:]
+        if len(body) != 4 * b + c:
+            raise RuntimeError(
+                f"a generation header of {len(values)} numbers says it holds {b} sequences and {c} counts."
+            )
+        seq_ids, num_new, start, sample = (tuple(body[i * b : (i + 1) * b]) for i in range(4))
+        return cls(slot, g, bool(sentinel), seq_ids, num_new, start, sample, tuple(body[4 * b :]))
+
+    def rows(self) -> StepRows:
+        return StepRows(self.seq_ids, self.num_new, self.start, dp_num_rows=self.dp_rows or None)
 
 
 @dataclass
 class _Sequence:
+    """One prompt (with, when scoring, its continuation) and what came back for it."""
+
     seq_id: int
-    prompt: torch.Tensor  # host, pinned where useful
+    tokens: torch.Tensor  # host, pinned where useful: the prompt, then the continuation when scoring
+    key: int  # its random stream: the prompt's dataset index
+    max_new_tokens: int
+    score_from: int = 0  # scoring: the continuation's first position (0: generating)
     consumed: int = 0
     generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     done: bool = False
+
+    def scored_positions(self, start: int, num_new: int) -> tuple[int, int]:
+        """Scoring: the rows ``[lo, hi)`` (positions) of a forward whose logits predict a continuation token.
+
+        The logits at position ``p`` predict token ``p + 1``, so the continuation
+        ``score_from .. total - 1`` is predicted by positions ``score_from - 1 .. total - 2``.
+        """
+        lo = max(start, self.score_from - 1)
+        hi = min(start + num_new, self.tokens.numel() - 1)
+        return lo, max(lo, hi)
 
 
 class PipelineGenerator:
-    """One rank's part of greedy generation (see the module docstring).
+    """One rank's part of KV-cached generation or scoring (see the module docstring).
 
     Args:
         parts: this stage's layers, plus ``embed`` (first stage) and ``head`` (last stage).
         stage: the rank's pipeline position and channels.
-        max_new_tokens: longest continuation.
+        max_new_tokens: longest continuation (a prompt may ask for its own, see :meth:`generate`).
         eos_token_ids: tokens that end a sequence (kept in its output).
         planner: prefill chunk sizes; ``None`` prefills a prompt in one forward.
         num_microbatches: slots in flight; at least ``pp_size`` (the default).
+        sampling: how the last stage picks tokens; ``None``: greedy.
     """
 
     def __init__(
@@ -173,6 +249,7 @@ class PipelineGenerator:
         eos_token_ids: Sequence[int] = (),
         planner: Optional[ChunkPlanner] = None,
         num_microbatches: Optional[int] = None,
+        sampling: Optional[SamplingParams] = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
@@ -187,38 +264,100 @@ class PipelineGenerator:
         self.max_new_tokens = max_new_tokens
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self.planner = planner
+        self.sampling = sampling or SamplingParams()
         self.first, self.last = stage.pp_rank == 0, stage.pp_rank == stage.pp_size - 1
         if self.first and parts.embed is None or self.last and parts.head is None:
             raise ValueError("the first stage needs `embed` and the last stage needs `head`.")
         self._attn_dp = stage.attn_dp_group if stage.attn_dp_size > 1 else None
+        self._scoring = False
         #: Forwards of this stage that ran with no rows of its own (data-parallel attention).
         self.num_idle_forwards = 0
 
     # -- driver -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[torch.Tensor]) -> Optional[list[list[int]]]:
-        """Generates for every prompt (all stages call it with the same prompts).
+    def generate(
+        self,
+        prompts: Sequence[torch.Tensor],
+        *,
+        keys: Optional[Sequence[int]] = None,
+        max_new_tokens: Optional[Sequence[Optional[int]]] = None,
+    ) -> Optional[list[list[int]]]:
+        """Generates for every prompt (all stages call it with the same arguments).
 
         With data-parallel attention, each attention-DP rank passes its own share
         (possibly empty), and every rank of the group must call this together.
+
+        Args:
+            prompts: 1-D token ids, one tensor per prompt.
+            keys: each prompt's random stream when sampling (its dataset index);
+                default ``0, 1, ...``.
+            max_new_tokens: each prompt's own limit (``None`` entries: the generator's).
 
         Returns:
             On the first stage, each prompt's generated ids (EOS included when hit);
             ``None`` on other stages.
         """
+        limits = list(max_new_tokens) if max_new_tokens is not None else [None] * len(prompts)
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts: give one each.")
+        seqs = []
+        for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+            limit = self.max_new_tokens if limit is None else int(limit)
+            if limit < 1:
+                raise ValueError(f"prompt {i} asks for max_new_tokens={limit}: it must be at least 1.")
+            seqs.append(_Sequence(i, self._host(prompt), self._key(keys, i), limit))
+        self._run(seqs, scoring=False)
+        return [s.generated for s in seqs] if self.first else None
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[torch.Tensor], continuations: Sequence[torch.Tensor]
+    ) -> Optional[list[list[float]]]:
+        """Log-probabilities of each continuation's tokens given its prompt (all stages call it alike).
+
+        Each pair is prefilled once as ``prompt + continuation`` (in chunks when a
+        planner is set); nothing is decoded. Entry ``j`` of pair ``i``'s result is
+        ``log softmax(logits)[continuation[j]]`` of the logits at the position before
+        that token, in fp32.
+
+        Returns:
+            On the first stage, one list of ``len(continuation)`` floats per pair;
+            ``None`` on other stages.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: pass them in pairs.")
+        seqs = []
+        for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            head, tail = self._host(prompt), torch.as_tensor(continuation, dtype=torch.long).flatten().cpu()
+            if tail.numel() == 0:
+                raise ValueError(f"continuation {i} is empty: give each prompt at least one token to score.")
+            tokens = self.platform.pin(torch.cat([head, tail]))
+            seqs.append(_Sequence(i, tokens, i, 1, score_from=head.numel()))
+        self._run(seqs, scoring=True)
+        return [s.logprobs for s in seqs] if self.first else None
+
+    def _host(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.platform.pin(torch.as_tensor(prompt, dtype=torch.long).flatten().cpu())
+
+    @staticmethod
+    def _key(keys: Optional[Sequence[int]], i: int) -> int:
+        return i if keys is None else int(keys[i])
+
+    def _run(self, seqs: list[_Sequence], *, scoring: bool) -> None:
         m = self.num_slots
-        seqs = [
-            _Sequence(i, self.platform.pin(torch.as_tensor(p, dtype=torch.long).flatten().cpu()))
-            for i, p in enumerate(prompts)
-        ]
         for s in seqs:
-            if s.prompt.numel() == 0:
+            if s.tokens.numel() == 0:
                 raise ValueError(f"prompt {s.seq_id} is empty: every sequence needs at least one token.")
+        self._scoring = scoring
+        self._by_id = {s.seq_id: s for s in seqs}
         self._slots = [seqs[j::m] for j in range(m)]  # round-robin: long and short prompts mix
         self._caches = [KVCache() for _ in self.parts.layers]
         self._slot_members: dict[int, tuple[int, ...]] = {}
         self._closed_at: dict[int, int] = {}
         self._awaiting: set[int] = set()
+        # First stage: what each forward in flight carried, by forward index (the result
+        # that comes back holds only tokens or log-probabilities, in this order).
+        self._launched: dict[int, tuple[int, list[_Sequence], list[int]]] = {}
         pipe = StreamingPipeline(
             self._stage_fn,  # type: ignore[arg-type]
             self.stage.pp_rank,
@@ -238,7 +377,6 @@ class PipelineGenerator:
         finally:
             pipe.close()
             self._caches = []
-        return [s.generated for s in seqs] if self.first else None
 
     def _exists(self, g: int) -> bool:
         closed = self._closed_at.get(g % self.num_slots)
@@ -250,23 +388,25 @@ class PipelineGenerator:
         if slot in self._awaiting:
             raise RuntimeError(f"slot {slot} launched before the tokens of its previous step came back.")
         live = [s for s in self._slots[slot] if not s.done]
-        host_ids, num_new, start, sample = [], [], [], []
+        host_ids, num_new, start, sample, scored = [], [], [], [], []
         for s in live:
-            total = s.prompt.numel()
+            total = s.tokens.numel()
             if s.consumed < total:  # prefill, maybe one chunk of it
                 n = total - s.consumed
                 if self.planner is not None:
                     n = self.planner.next_chunk(s.consumed, n)
-                host_ids.append(s.prompt[s.consumed : s.consumed + n])
+                host_ids.append(s.tokens[s.consumed : s.consumed + n])
                 start.append(s.consumed)
                 s.consumed += n
-                sample.append(int(s.consumed == total))
+                sample.append(int(s.consumed == total and not self._scoring))
             else:  # decode the last sampled token
                 host_ids.append(torch.tensor([s.generated[-1]], dtype=torch.long))
                 start.append(total + len(s.generated) - 1)
                 n = 1
                 sample.append(1)
             num_new.append(n)
+            lo, hi = s.scored_positions(start[-1], n) if self._scoring else (0, 0)
+            scored.append(hi - lo)
         dp_rows: tuple[int, ...] = ()
         if self._attn_dp is not None:
             # One exchange per forward, on the first stage only: later stages read the
@@ -275,69 +415,70 @@ class PipelineGenerator:
             info = gather_batch_info(sum(num_new), dp_group=self._attn_dp, attn_tp_size=self.stage.attn_tp_size)
             dp_rows = info.global_num_tokens
             if not info.should_run:  # every rank's slot is empty: it closes everywhere at this g
-                return self._forward(self._header(g, slot, [], [], [], [], dp_rows, sentinel=True), None)
+                return self._forward(_Header(slot, g, True, dp_rows=dp_rows), None, None)
         elif not live:
-            return self._forward(self._header(g, slot, [], [], [], [], dp_rows, sentinel=True), None)
+            return self._forward(_Header(slot, g, True), None, None)
         # With no live sequences here but rows on a peer: an idle forward (zero rows).
         self._awaiting.add(slot)
-        header = self._header(g, slot, [s.seq_id for s in live], num_new, start, sample, dp_rows, sentinel=False)
+        self._launched[g] = (slot, live, scored)
+        seq_ids = tuple(s.seq_id for s in live)
+        header = _Header(slot, g, False, seq_ids, tuple(num_new), tuple(start), tuple(sample), dp_rows)
         ids = torch.cat(host_ids) if host_ids else torch.zeros(0, dtype=torch.long)
-        return self._forward(header, self.platform.pin(ids))
+        return self._forward(header, None, self.platform.pin(ids))
 
     def _on_result(self, g: int, result: dict) -> None:
-        slot = int(result["slot"][0])
+        launched = self._launched.pop(g, None)
+        if launched is None:
+            return  # a sentinel: the slot had nothing left
+        slot, live, scored = launched
         self._awaiting.discard(slot)
-        by_id = {s.seq_id: s for s in self._slots[slot]}
-        for seq_id, token in zip(result["seq_ids"].tolist(), result["tokens"].tolist()):
+        if self._scoring:
+            values, offset = result["logprobs"].tolist(), 0
+            for s, count in zip(live, scored):
+                s.logprobs.extend(values[offset : offset + count])
+                offset += count
+                s.done = s.consumed == s.tokens.numel()
+            return
+        for s, token in zip(live, result["tokens"].tolist()):
             if token < 0:
                 continue  # a prefill chunk before the prompt's last: nothing sampled
-            s = by_id[seq_id]
             s.generated.append(token)
-            if token in self.eos or len(s.generated) >= self.max_new_tokens:
+            if token in self.eos or len(s.generated) >= s.max_new_tokens:
                 s.done = True
 
     # -- every stage ------------------------------------------------------------------------------
-    def _header(self, g, slot, seq_ids, num_new, start, sample, dp_rows, *, sentinel: bool) -> dict:
-        dev = self.stage.device
-
-        def t(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(list(values), dtype=torch.long).to(dev)
-
-        return {
-            "slot": t([slot, g, int(sentinel)]),
-            "seq_ids": t(seq_ids),
-            "num_new": t(num_new),
-            "start": t(start),
-            "sample": t(sample),
-            "dp_rows": t(dp_rows),  # every attention-DP rank's rows; empty without DP attention
-        }
-
     def _stage_fn(self, payload: dict) -> dict:
-        return self._forward(payload, None)
+        return self._forward(self._read_header(payload), payload, None)
 
     def _finish(self, g: int, payload: dict) -> dict:
-        return self._forward(payload, None)
+        return self._forward(self._read_header(payload), payload, None)
 
-    def _forward(self, payload: dict, host_ids: Optional[torch.Tensor]) -> dict:
-        """Runs this stage on one forward; returns the activation payload, or the result on the last stage."""
-        slot, g, sentinel = payload["slot"].tolist()
-        seq_ids = tuple(payload["seq_ids"].tolist())
+    @staticmethod
+    def _read_header(payload: dict) -> _Header:
+        # The one device-to-host copy of a forward on a later stage: the cache (which
+        # sequences left, where each one's rows go) and the attention masks are
+        # managed on the host, from these numbers.
+        return _Header.unpack(payload["header"].tolist())
+
+    def _forward(self, header: _Header, payload: Optional[dict], host_ids: Optional[torch.Tensor]) -> dict:
+        """Runs this stage on one forward; returns the activation payload, or the result on the last stage.
+
+        ``payload`` is what the previous stage sent (``None`` on the first stage,
+        which built ``header`` itself and launches ``host_ids``).
+        """
+        slot, seq_ids = header.slot, header.seq_ids
         previous = self._slot_members.get(slot, ())
         gone = [i for i in previous if i not in seq_ids]
-        for cache in self._caches:  # sequences that left the slot (EOS, length) free their cache here
-            cache.free(gone)
+        if gone:
+            for cache in self._caches:  # sequences that left the slot (EOS, length) free their cache here
+                cache.free(gone)
         self._slot_members[slot] = seq_ids
-        header = {k: payload[k] for k in _HEADER_KEYS}
-        if sentinel:
-            self._closed_at[slot] = g
-            return (
-                {"slot": header["slot"], "seq_ids": header["seq_ids"], "tokens": header["seq_ids"]}
-                if self.last
-                else header
-            )
-        dp_rows = tuple(payload["dp_rows"].tolist()) or None
-        num_new, start = tuple(payload["num_new"].tolist()), tuple(payload["start"].tolist())
-        rows = StepRows(seq_ids, num_new, start, dp_num_rows=dp_rows)
+        if header.sentinel:
+            self._closed_at[slot] = header.g
+            if self.last:
+                return {"tokens": torch.zeros(0, dtype=torch.long)}
+            return {"header": self._packed(header, payload)}
+        rows = header.rows()
         if not seq_ids:
             self.num_idle_forwards += 1
         if self.first:
@@ -346,29 +487,71 @@ class PipelineGenerator:
                 raise RuntimeError("the first stage has no `embed`.")
             hidden, residual = embed(resolve_input_ids(host_ids, self.stage.device, self.platform))
         else:
+            assert payload is not None
             hidden, residual = payload["hidden"], payload["residual"]
         for layer, cache in zip(self.parts.layers, self._caches):
             hidden, residual = layer(hidden, residual, rows=rows, cache=cache)
         if not self.last:
-            return {**header, "hidden": hidden, "residual": residual}
-        return {
-            "slot": header["slot"],
-            "seq_ids": header["seq_ids"],
-            "tokens": self._sample(hidden, rows, payload["sample"]),
-        }
+            return {"header": self._packed(header, payload), "hidden": hidden, "residual": residual}
+        if self._scoring:
+            return {"logprobs": self._score(hidden, rows)}
+        return {"tokens": self._sample(hidden, rows, header.sample)}
 
-    def _sample(self, hidden: torch.Tensor, rows: StepRows, sample: torch.Tensor) -> torch.Tensor:
-        """Greedy token per sequence from its last row, ``-1`` where the rows end mid-prompt.
+    def _packed(self, header: _Header, payload: Optional[dict]) -> torch.Tensor:
+        """The header as the next stage receives it: the received tensor, passed on, or packed here."""
+        if payload is not None:
+            return payload["header"]
+        return host_to_device(torch.tensor(header.pack(), dtype=torch.long), self.stage.device)
 
-        An idle forward has no sequences: the empty index gives no tokens.
-        """
-        ends = torch.tensor(rows.num_new, dtype=torch.long).cumsum(0) - 1
+    def _head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         head = self.parts.head
         if head is None:  # checked in __init__
             raise RuntimeError("the last stage has no `head`.")
-        logits = head(hidden[ends.to(hidden.device)])
-        tokens = logits.argmax(dim=-1)
-        return torch.where(sample.to(tokens.device) > 0, tokens, torch.full_like(tokens, -1))
+        return head
+
+    def _sample(self, hidden: torch.Tensor, rows: StepRows, sample: Sequence[int]) -> torch.Tensor:
+        """A token per sequence from its last row, ``-1`` where the rows end mid-prompt.
+
+        Only the rows that pick a token go through the head. An idle forward has
+        no sequences and gives no tokens.
+        """
+        picked = [i for i, flag in enumerate(sample) if flag]
+        if not picked:
+            return torch.full((len(sample),), -1, dtype=torch.long, device=hidden.device)
+        ends = list(itertools.accumulate(rows.num_new))
+        index = host_to_device(torch.tensor([ends[i] - 1 for i in picked], dtype=torch.long), hidden.device)
+        logits = self._head()(hidden[index])
+        keys = [self._by_id[rows.seq_ids[i]].key for i in picked]
+        positions = [rows.ends[i] for i in picked]  # where each picked token will sit
+        tokens = sample_tokens(logits, self.sampling, keys, positions)
+        if len(picked) == len(sample):
+            return tokens
+        out = torch.full((len(sample),), -1, dtype=torch.long, device=tokens.device)
+        return out.index_copy_(0, host_to_device(torch.tensor(picked, dtype=torch.long), out.device), tokens)
+
+    def _score(self, hidden: torch.Tensor, rows: StepRows) -> torch.Tensor:
+        """Scoring: the log-probability of each continuation token these rows predict, in row order (fp32)."""
+        row_index, targets, offset = [], [], 0
+        for seq_id, start, n in zip(rows.seq_ids, rows.start, rows.num_new):
+            s = self._by_id[seq_id]
+            lo, hi = s.scored_positions(start, n)
+            row_index.append(torch.arange(offset + lo - start, offset + hi - start))
+            targets.append(s.tokens[lo + 1 : hi + 1])
+            offset += n
+        if not row_index:
+            return torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        index = host_to_device(torch.cat(row_index), hidden.device)
+        target = host_to_device(torch.cat(targets), hidden.device)
+        head, out = self._head(), []
+        # In blocks of rows: a [rows, vocab] fp32 matrix of a long continuation can be large.
+        for rows_block, target_block in zip(index.split(_SCORE_BLOCK), target.split(_SCORE_BLOCK)):
+            logprobs = torch.log_softmax(head(hidden[rows_block]).float(), dim=-1)
+            out.append(logprobs.gather(1, target_block[:, None]).squeeze(1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=hidden.device)
+
+
+#: Rows of logits scored at once (bounds the ``[rows, vocab]`` fp32 matrix of a long continuation).
+_SCORE_BLOCK = 1024
 
 
 # -- latency predictor -----------------------------------------------------------------------------
@@ -427,8 +610,8 @@ class _ChunkProfiler:
     ``setup(p, n)`` (untimed) puts a cache holding ``p`` tokens in place: it is
     prefilled once per prefix, in chunks of ``prefill_chunk`` as generation would
     (one forward over a long prefix would build a ``p x p`` score matrix), and
-    restored from a snapshot before every timed chunk, which would otherwise leave
-    its keys behind. ``run(p, n)`` goes through the launch path: host ids resolved
+    truncated back to ``p`` tokens before every timed chunk, which would otherwise
+    leave its keys behind. ``run(p, n)`` goes through the launch path: host ids resolved
     by :func:`resolve_input_ids` (the seed's profiler saw ``None`` ids).
     """
 
@@ -438,7 +621,6 @@ class _ChunkProfiler:
         self.vocab = max(parts.vocab_size, 1)
         self.prefill_chunk = max(prefill_chunk, 1)
         self._prefix = -1
-        self._snapshot: list[dict] = []
         self._caches: list[KVCache] = []
 
     @torch.no_grad()
@@ -457,10 +639,9 @@ class _ChunkProfiler:
             self._caches = [KVCache() for _ in self.parts.layers]
             for start in range(0, prefix, self.prefill_chunk):
                 self._forward(start, min(self.prefill_chunk, prefix - start))
-            self._snapshot = [dict(cache.entries) for cache in self._caches]
             self._prefix = prefix
-        for cache, entries in zip(self._caches, self._snapshot):
-            cache.entries = dict(entries)  # extend() replaces entries, so the snapshot's tensors stay intact
+        for cache in self._caches:
+            cache.truncate(0, prefix)  # forget the last timed chunk: positions past the prefix are rewritten
 
     def run(self, prefix: int, n: int) -> None:
         self._forward(prefix, n)

@@ -5,16 +5,43 @@ and extends the cache) and the generation loop (:mod:`lightning_pp.generation.en
 which decides which rows a forward carries and frees finished sequences) need
 these two types. They live here, below both, so that the generation loop does
 not import the models layer: the package's layers only look down.
+
+The cache is a *slab* per layer and tensor, ``[rows, Hkv, capacity, D]``: each
+live sequence owns one row, and its tokens sit at their positions in it, head by
+head (each head's keys contiguous, the layout attention reads fastest). Writing a
+token is an indexed copy of that token alone; the slab is reallocated only when a
+sequence outgrows ``capacity`` or more sequences are live than there are rows,
+and then to twice the size, so the copies cost amortised O(1) per token instead of
+the O(length) of concatenating the whole cache every step. The sequences of one
+forward are given consecutive rows when they arrive together (a slot's prefill),
+so attention reads their keys as a view of the slab, with no copy at all.
+Memory is ``rows x capacity``: the sequences are padded to the longest, as in a
+padded batch; freed rows are reused, and the slab is released when every row is free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["KVCache", "StepRows"]
+from lightning_pp.platform import platform_for
+
+__all__ = ["KVCache", "StepRows", "host_to_device"]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a small host tensor built for a forward (indices, masks) to ``device`` without a stall.
+
+    A plain ``.to(device)`` from pageable memory waits for the device's queue to
+    drain (a host round trip per copy); from page-locked memory the copy is queued
+    behind the work already there. On the CPU it is the tensor itself.
+    """
+    if device.type == "cpu" or tensor.device == device:
+        return tensor
+    platform = platform_for(device)
+    return platform.to_device(platform.pin(tensor), device)
 
 
 @dataclass(frozen=True)
@@ -40,6 +67,9 @@ class StepRows:
     num_new: tuple[int, ...]
     start: tuple[int, ...]
     dp_num_rows: Optional[tuple[int, ...]] = None
+    # Tensors derived from the rows (positions, masks, indices), built once per forward
+    # and shared by every layer of it; not part of the value.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not len(self.seq_ids) == len(self.num_new) == len(self.start):
@@ -54,28 +84,210 @@ class StepRows:
     def num_rows(self) -> int:
         return sum(self.num_new)
 
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Each sequence's length after this forward (``start + num_new``)."""
+        return tuple(s + n for s, n in zip(self.start, self.num_new))
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, once per ``key`` for this forward (the layers of a stage share it)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def positions(self, device: torch.device) -> torch.Tensor:
-        parts = [torch.arange(s, s + n, device=device) for s, n in zip(self.start, self.num_new)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+        """Each row's position (``[rows]``, long, on ``device``)."""
+        return self.memo(("positions", device), lambda: host_to_device(self._host_positions(), device))
+
+    def sequence_index(self, device: torch.device) -> torch.Tensor:
+        """Each row's sequence, as an index into ``seq_ids`` (``[rows]``, long, on ``device``)."""
+
+        def build() -> torch.Tensor:
+            counts = torch.tensor(self.num_new, dtype=torch.long)
+            return host_to_device(torch.repeat_interleave(torch.arange(len(self.num_new)), counts), device)
+
+        return self.memo(("sequence_index", device), build)
+
+    def _host_positions(self) -> torch.Tensor:
+        if not self.num_new:
+            return torch.zeros(0, dtype=torch.long)
+        counts = torch.tensor(self.num_new, dtype=torch.long)
+        offsets = torch.cumsum(counts, 0) - counts  # first row of each sequence
+        first = torch.repeat_interleave(torch.tensor(self.start, dtype=torch.long) - offsets, counts)
+        return first + torch.arange(self.num_rows)
 
 
-@dataclass
 class KVCache:
-    """Keys and values of one layer, per sequence: ``seq_id -> ([len, Hkv, D], [len, Hkv, D])``."""
+    """Keys and values of one layer, per sequence, in two slabs that grow by doubling.
 
-    entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ``keys``/``values`` are ``[rows, Hkv, capacity, D]`` (``None`` until the first
+    write); sequence ``seq_id`` owns row :meth:`row` and its first :meth:`length`
+    positions. See the module docstring for the growth rule.
+
+    Args:
+        min_capacity: positions of the first slab (at least); later capacities are
+            powers of two.
+    """
+
+    def __init__(self, *, min_capacity: int = 16) -> None:
+        self.min_capacity = max(int(min_capacity), 1)
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self._row: dict[int, int] = {}
+        self._length: dict[int, int] = {}
+        self._used: list[bool] = []  # per row of the slab
+        #: Slab reallocations so far (each copies the live cache once).
+        self.num_reallocations = 0
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Positions per row of the slab (0 before the first write)."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the slab, live or free."""
+        return len(self._used)
 
     def length(self, seq_id: int) -> int:
-        entry = self.entries.get(seq_id)
-        return 0 if entry is None else entry[0].shape[0]
+        """Cached tokens of ``seq_id`` (0 for a sequence the cache does not hold)."""
+        return self._length.get(seq_id, 0)
+
+    def row(self, seq_id: int) -> int:
+        """The slab row of a cached sequence."""
+        return self._row[seq_id]
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._row
+
+    def sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values of one sequence, ``[length, Hkv, D]`` each (views, no copy)."""
+        keys, values = self._slabs()
+        row, n = self._row[seq_id], self._length[seq_id]
+        return keys[row, :, :n].transpose(0, 1), values[row, :, :n].transpose(0, 1)
+
+    def batch(self, seq_ids: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` positions of each sequence's row, ``[len(seq_ids), Hkv, length, D]`` each.
+
+        A view of the slab when the sequences hold consecutive rows in this order;
+        otherwise one gather of exactly those rows. Positions past a sequence's own
+        length hold zeros or a freed sequence's old values (finite either way):
+        attention masks them.
+        """
+        keys, values = self._slabs()
+        rows = [self._row[s] for s in seq_ids]
+        if not rows:
+            return keys[:0, :, :length], values[:0, :, :length]
+        first = rows[0]
+        if rows == list(range(first, first + len(rows))):
+            last = first + len(rows)
+            return keys[first:last, :, :length], values[first:last, :, :length]
+        index = host_to_device(torch.tensor(rows, dtype=torch.long), keys.device)
+        return keys[:, :, :length].index_select(0, index), values[:, :, :length].index_select(0, index)
+
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, rows: StepRows, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores the packed new keys and values (``[rows.num_rows, Hkv, D]``) of one forward.
+
+        Sequence ``rows.seq_ids[i]`` must hold exactly ``rows.start[i]`` tokens; new
+        sequences (``start`` 0) get rows, consecutive ones where the slab has them.
+
+        Raises:
+            RuntimeError: a sequence's cached length differs from its ``start``.
+        """
+        for seq_id, start in zip(rows.seq_ids, rows.start):
+            if self.length(seq_id) != start:
+                raise RuntimeError(
+                    f"sequence {seq_id} has {self.length(seq_id)} cached tokens but its rows start at position {start}."
+                )
+        if not rows.seq_ids:
+            return
+        self._reserve(rows.seq_ids, max(rows.ends), k)
+        keys, values = self._slabs()
+        kv_heads, capacity, device = keys.shape[1], keys.shape[2], keys.device
+        seq_rows = tuple(self._row[s] for s in rows.seq_ids)
+
+        def flat_index() -> torch.Tensor:
+            # Where token i's head h goes in the slab seen as [rows * Hkv * capacity, D]:
+            # (row_i * Hkv + h) * capacity + position_i, in k's order (token-major, heads inner).
+            base = host_to_device(torch.tensor(seq_rows, dtype=torch.long) * (kv_heads * capacity), device)
+            token = base[rows.sequence_index(device)] + rows.positions(device)
+            heads = torch.arange(kv_heads, device=device) * capacity
+            return (token[:, None] + heads[None, :]).flatten()
+
+        index = rows.memo(("kv_write", seq_rows, kv_heads, capacity, device), flat_index)
+        head_dim = keys.shape[-1]
+        keys.view(-1, head_dim).index_copy_(0, index, k.to(keys.dtype).reshape(-1, head_dim))
+        values.view(-1, head_dim).index_copy_(0, index, v.to(values.dtype).reshape(-1, head_dim))
+        for seq_id, end in zip(rows.seq_ids, rows.ends):
+            self._length[seq_id] = end
 
     def extend(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old = self.entries.get(seq_id)
-        if old is not None:
-            k, v = torch.cat([old[0], k]), torch.cat([old[1], v])
-        self.entries[seq_id] = (k, v)
-        return k, v
+        """Appends one sequence's new keys and values; returns all of its keys and values (views)."""
+        self.write(StepRows((seq_id,), (k.shape[0],), (self.length(seq_id),)), k, v)
+        return self.sequence(seq_id)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forgets ``seq_id``'s positions from ``length`` on (its row keeps them, unread)."""
+        if seq_id not in self._row and length == 0:
+            return
+        if not 0 <= length <= self.length(seq_id):
+            raise ValueError(f"cannot truncate sequence {seq_id} of {self.length(seq_id)} tokens to {length}.")
+        self._length[seq_id] = length
 
     def free(self, seq_ids: Sequence[int]) -> None:
+        """Returns the rows of ``seq_ids`` for reuse; releases the slabs once no row is live."""
         for seq_id in seq_ids:
-            self.entries.pop(seq_id, None)
+            row = self._row.pop(seq_id, None)
+            self._length.pop(seq_id, None)
+            if row is not None:
+                self._used[row] = False
+        if not self._row:
+            self.keys = self.values = None
+            self._used = []
+
+    # -- inside ---------------------------------------------------------------------------------
+    def _slabs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            raise RuntimeError("the cache holds no sequence yet.")
+        return self.keys, self.values
+
+    def _reserve(self, seq_ids: Sequence[int], length: int, like: torch.Tensor) -> None:
+        """Rows for the new ``seq_ids`` and room for ``length`` positions, reallocating at most once."""
+        new = [s for s in seq_ids if s not in self._row]
+        run = self._free_run(len(new)) if new else 0
+        rows_needed = max(self.num_rows, run + len(new))
+        if length > self.capacity or rows_needed > self.num_rows or self.keys is None:
+            self._reallocate(rows_needed, length, like)
+        for i, seq_id in enumerate(new):
+            self._row[seq_id] = run + i
+            self._length[seq_id] = 0
+            self._used[run + i] = True
+
+    def _free_run(self, count: int) -> int:
+        """The first row of ``count`` consecutive free rows (past the end if there are none)."""
+        streak = 0
+        for row, used in enumerate(self._used):
+            streak = 0 if used else streak + 1
+            if streak == count:
+                return row - count + 1
+        return len(self._used) - streak  # the trailing free rows, continued past the end
+
+    def _reallocate(self, num_rows: int, length: int, like: torch.Tensor) -> None:
+        """Doubles whatever is too small (rows, capacity, or both) and copies the live cache once."""
+        old_k, old_v = self.keys, self.values
+        rows = max(num_rows, 2 * self.num_rows) if num_rows > self.num_rows else self.num_rows
+        capacity = self.capacity
+        if length > capacity:
+            capacity = max(self.min_capacity, 2 * capacity, 1 << (length - 1).bit_length())
+        shape = (rows, like.shape[1], capacity, like.shape[2])  # like: [tokens, Hkv, D]
+        # Zeros, not empty: attention multiplies masked positions' values by a zero
+        # probability, and uninitialised memory may hold NaN (0 * NaN = NaN).
+        self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        if old_k is not None and old_v is not None:
+            self.keys[: old_k.shape[0], :, : old_k.shape[2]] = old_k
+            self.values[: old_v.shape[0], :, : old_v.shape[2]] = old_v
+            self.num_reallocations += 1
+        self._used += [False] * (rows - len(self._used))

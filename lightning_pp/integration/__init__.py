@@ -17,6 +17,8 @@ from lightning_pp.integration.device_ddp import (
 from lightning_pp.integration.generation_module import (
     GenerationModule,
     PromptDataset,
+    PromptItem,
+    ScoreDataset,
     collate_prompts,
 )
 from lightning_pp.integration.registration import register
@@ -31,6 +33,8 @@ __all__ = [
     "NPUAccelerator",
     "PPStrategy",
     "PromptDataset",
+    "PromptItem",
+    "ScoreDataset",
     "StreamingPredictionWriter",
     "XPUAccelerator",
     "collate_prompts",

@@ -48,7 +48,7 @@ class CheckpointMixin(PipelineStrategyState):
         return gather_param_group_names(
             self.optimizers,
             self._param_names(),
-            param_order_key(self.module, self._pipelined_attr),
+            param_order_key(self.module),
             self._pp_cpu_group or self._pp_group,
         )
 

@@ -202,7 +202,9 @@ class PredictMixin(PipelineStrategyState):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if drives_own_pipeline(module):
             return dataloader
-        if self._predict_streaming and self.virtual_stages == 1 and trainer is not None and trainer.predicting:
+        # A block list predicts batch by batch for now (one forward-only schedule each).
+        streams = self._predict_streaming and self.virtual_stages == 1 and self._blocks is None
+        if streams and trainer is not None and trainer.predicting:
             return PredictFeed(dataloader)
         return super().process_dataloader(dataloader)
 

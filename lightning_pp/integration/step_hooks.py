@@ -85,6 +85,15 @@ class StepsMixin(PipelineStrategyState):
             yield recorder
 
     def _executor(self, schedule: Schedule) -> PipelineExecutor:
+        if self._blocks is not None:
+            return PipelineExecutor(
+                {},
+                schedule,
+                self.pp_rank,
+                self._comm if self.pp_size > 1 else None,
+                sequential_name=f"self.{self._pipelined_attr}",
+                block_stages=self._blocks,
+            )
         assert self._pipelined is not None
         return PipelineExecutor(
             self._pipelined.stages,
@@ -104,18 +113,19 @@ class StepsMixin(PipelineStrategyState):
     def _microbatch_steps(self, hook: str, microbatches: list[Any], args: tuple, kwargs: dict) -> Iterator[tuple]:
         """Yields ``(step_fn, recorder)`` running the user's ``hook`` on each microbatch."""
         module = self.module
-        assert self._pipelined is not None
         recorder = LogRecorder()
         user_step = getattr(module, hook)
-        pipelined = self._pipelined
+        pipelined = self._pipelined  # None for a block list: its blocks are hooked instead
 
         def step_fn(k: int, call_sequential: Any) -> Any:
             recorder.start_microbatch()
-            pipelined.handler = call_sequential
+            if pipelined is not None:
+                pipelined.handler = call_sequential
             try:
                 return user_step(microbatches[k], *args, **kwargs)
             finally:
-                pipelined.handler = None
+                if pipelined is not None:
+                    pipelined.handler = None
 
         # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
         module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign, assignment]

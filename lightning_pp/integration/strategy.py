@@ -70,12 +70,14 @@ from lightning_pp.parallel.model_parallel import (
     pre_initialize_stage_fusion,
 )
 from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
+from lightning_pp.pipeline.block_stage import partition_block_list, plan_block_split
 from lightning_pp.pipeline.schedules import normalise_schedule_name
 from lightning_pp.pipeline.stage import (
     capture_sequential_input,
     find_pipelined_sequential,
     partition_module,
     plan_module_split,
+    uses_block_list,
 )
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.tracing.trace import StepTracer, TraceOptions
@@ -93,7 +95,8 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             number of data-parallel replicas.
         num_microbatches: microbatches per batch; ``None`` means ``2 * pipeline_parallel_size``.
             A batch with fewer rows uses one microbatch per row.
-        schedule: ``"1F1B"`` (default), ``"GPipe"`` or ``"Interleaved1F1B"``.
+        schedule: ``"1F1B"`` (default), ``"GPipe"``, ``"Interleaved1F1B"`` or ``"ZBH1"`` (zero-bubble:
+            backward split into input and weight gradients, 1F1B's memory, a third of its bubble).
         virtual_stages: stages per rank, for ``"Interleaved1F1B"`` (default 2 there, else 1).
         balance: layers per stage (length ``pp * virtual_stages``); default balances
             parameter counts; ``"time"`` profiles each layer's forward + backward on the
@@ -102,8 +105,11 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         trace: a folder (or :class:`~lightning_pp.tracing.trace.TraceOptions`) to record a few
             training steps into: ``trace.json`` for chrome://tracing or Perfetto, one
             track per rank, and ``timeline.png`` with the measured bubble.
-        sequential: attribute name of the ``nn.Sequential`` to pipeline, when the module
-            has more than one.
+        sequential: what to pipeline, when the default choice is not it: the attribute
+            name of a direct ``nn.Sequential`` child, or the dotted path of a block list
+            (``"model.model.layers"``). By default a direct ``nn.Sequential`` child, else
+            a Hugging Face model's ``base_model_pp_plan``, else the largest list of
+            same-class blocks (see :mod:`lightning_pp.pipeline.blocks`).
         transport: the point-to-point mover (tests use one whose sends wait for receivers).
         process_group_backend: override the platform's backend.
         tensor_parallel_size: ranks that split each tensor-parallel layer of a stage
@@ -236,6 +242,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self._pp_cpu_group = None
         self._dp_group = None
         self._pipelined = None
+        self._blocks = None
         self._pipelined_attr = ""
         self._pipelined_param_ids: frozenset[int] = frozenset()
         self._comm = None
@@ -326,7 +333,8 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self._check_module(module, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
         if is_overridden("configure_model", module) or self.balance == "time":
             return  # the network (or the split) exists only once set up on each rank
-        plan_module_split(
+        plan = plan_block_split if uses_block_list(module, self.sequential_name) else plan_module_split
+        plan(
             module,
             name=self.sequential_name,
             num_stages=self.pp_size * self.virtual_stages,
@@ -438,17 +446,34 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self.accelerator.setup(trainer)
         num_stages = self.pp_size * self.virtual_stages
         local_stages = [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
+        block_list = uses_block_list(self.module, self.sequential_name)
+        if self.balance == "time" and block_list:
+            raise ValueError(
+                "balance='time' profiles the layers of an nn.Sequential one at a time; a block list's blocks need the "
+                "model's own loop. Pass balance=[blocks per stage] (by default stages get equal parameter counts)."
+            )
         if self.balance == "time":
             self.balance = self._balance_by_time(num_stages)
         assert not isinstance(self.balance, str), "balance='time' was replaced by measured counts above"
-        self._pipelined_attr, self._pipelined = partition_module(
-            self.module,
-            name=self.sequential_name,
-            num_stages=num_stages,
-            local_stages=local_stages,
-            balance=self.balance,
-        )
-        self._pipelined_param_ids = frozenset(id(p) for p in self._pipelined.parameters())
+        if block_list:
+            self._blocks = partition_block_list(
+                self.module,
+                name=self.sequential_name,
+                num_stages=num_stages,
+                local_stages=local_stages,
+                balance=self.balance,
+            )
+            self._pipelined_attr, self._pipelined = self._blocks.path, None
+        else:
+            self._pipelined_attr, self._pipelined = partition_module(
+                self.module,
+                name=self.sequential_name,
+                num_stages=num_stages,
+                local_stages=local_stages,
+                balance=self.balance,
+            )
+            self._blocks = None
+        self._pipelined_param_ids = frozenset(id(p) for p in self._stage_parameters())
         # Parameters the module uses outside the Sequential are copies held by every stage
         # (also one a layer of the Sequential shares, e.g. a head tied to layer 0).
         prefix = self._pipelined_attr + "."
@@ -456,7 +481,8 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)
         )
         self._tied_parameters = self._tied_parameter_groups()
-        self._cp_partial_ids = cp_partial_parameter_ids(self._pipelined) if self.cp_size > 1 else frozenset()
+        stage_module = self._stage_module()
+        self._cp_partial_ids = cp_partial_parameter_ids(stage_module) if self.cp_size > 1 else frozenset()
         # Copies over the pipeline (outside the Sequential, or tied across stages) and the
         # shards and copies of tensor-parallel stages: each distinct tensor counts once in a
         # global norm, a tied one on the first stage that holds it.
@@ -464,7 +490,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         counted_elsewhere = frozenset(id(p) for p, _, first in self._tied_parameters if not first)
         assert self.topology is not None
         self._counted_in_norm = counts_once(
-            self._pipelined,
+            stage_module,
             self.topology,
             replicated_over_pipeline=lambda p: id(p) in outside_ids,
             counted_elsewhere=lambda p: id(p) in counted_elsewhere,
@@ -484,7 +510,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self.model_to_device()
         # Before any step, graph capture or compile: creating a workspace runs collectives.
         self.allreduce_fusion = pre_initialize_stage_fusion(
-            self._pipelined, max_num_tokens=self.fused_allreduce_max_tokens, dtype=self._activation_dtype()
+            stage_module, max_num_tokens=self.fused_allreduce_max_tokens, dtype=self._activation_dtype()
         )
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -495,6 +521,19 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         if scaler is not None:
             sync_found_inf(scaler)
 
+    def _stage_module(self) -> nn.Module:
+        """The module holding this rank's stages: the pipelined Sequential, or the block list."""
+        if self._blocks is not None:
+            return self._blocks.container
+        assert self._pipelined is not None
+        return self._pipelined
+
+    def _stage_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this rank's stages."""
+        if self._blocks is not None:
+            return list(self._blocks.parameters())
+        return list(self._pipelined.parameters()) if self._pipelined is not None else []
+
     def _tied_parameter_groups(self) -> list[tuple[Tensor, dist.ProcessGroup, bool]]:
         """This rank's copies of weights tied across stages: ``(copy, group of its holders, first holder?)``.
 
@@ -502,7 +541,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         tensor-parallel coordinates match), created by every rank in the same order,
         once per layout (kept with the topology's groups).
         """
-        assert self._pipelined is not None and self.topology is not None
+        assert self.topology is not None
+        if self._pipelined is None:
+            return []  # a block list: what its blocks share with the rest of the model is on every stage
         shape = self.topology.shape
         local_layers = [i for indices in self._pipelined.stage_slices.values() for i in indices]
         named = dict(self._pipelined.named_parameters(remove_duplicate=False))
@@ -530,7 +571,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         )
         if isinstance(autocast, torch.dtype):
             return autocast
-        param = next(iter(self._pipelined.parameters()), None) if self._pipelined is not None else None
+        param = next(iter(self._stage_parameters()), None)
         return param.dtype if param is not None else torch.get_default_dtype()
 
     def _balance_by_time(self, num_stages: int) -> list[int]:

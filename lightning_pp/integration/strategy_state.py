@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_pp.distributed.p2p import PipeComm
 from lightning_pp.distributed.topology import RankTopology
+from lightning_pp.pipeline.block_stage import BlockPipeline
 from lightning_pp.pipeline.schedules import Schedule
 from lightning_pp.pipeline.stage import PipelinedSequential
 from lightning_pp.tracing.trace import StepTracer
@@ -48,7 +49,9 @@ class PipelineStrategyState(ParallelStrategy):
 
     The split (made in ``setup``):
         _pipelined, _pipelined_attr: this rank's stages, and the module attribute
-            that held the ``nn.Sequential``.
+            that held the ``nn.Sequential`` (or the dotted path of the block list).
+        _blocks: for a model pipelined by its block list (its own code loops over
+            the blocks), what runs one stage of it; ``_pipelined`` is then ``None``.
         _pipelined_param_ids: ids of the parameters that live in the stages.
         _outside_param_ids: ids of the parameters the module uses outside the
             Sequential: every stage holds a copy, their gradients are summed over the pipeline.
@@ -84,6 +87,7 @@ class PipelineStrategyState(ParallelStrategy):
     _comm: Optional[PipeComm]
 
     _pipelined: Optional[PipelinedSequential]
+    _blocks: Optional[BlockPipeline]
     _pipelined_attr: str
     _pipelined_param_ids: frozenset[int]
     _outside_param_ids: frozenset[int]

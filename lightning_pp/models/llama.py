@@ -11,7 +11,9 @@ with the *next* block's input norm::
 Rows are *packed*: one forward call takes the new tokens of several sequences
 concatenated (``[rows, hidden]``), described by a :class:`StepRows`. Each layer
 keeps the keys and values of every sequence it has seen in a :class:`KVCache`
-entry of its own, so a pipeline stage holds exactly the cache of its layers.
+of its own (a slab that grows by doubling), so a pipeline stage holds exactly the
+cache of its layers, and attends over all the sequences of a forward in one
+``scaled_dot_product_attention`` call (:func:`attend`).
 
 Parallelism: attention heads split over attention-TP and the MLP over MLP-TP, as
 in the block. The block's ``cp`` ranks can only run in ``"data"`` mode here
@@ -30,7 +32,6 @@ loaded unsharded becomes this rank's shards with :meth:`DecoderLM.shard` (or
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union, cast
@@ -40,7 +41,7 @@ from torch import nn
 
 from lightning_pp.distributed.collectives import gather_tokens, scatter_tokens
 from lightning_pp.distributed.topology import ParallelGroup
-from lightning_pp.generation.kv_cache import KVCache, StepRows
+from lightning_pp.generation.kv_cache import KVCache, StepRows, host_to_device
 from lightning_pp.models.tp_block import (
     ATTENTION_MODES,
     BlockConfig,
@@ -51,7 +52,16 @@ from lightning_pp.models.tp_block import (
 from lightning_pp.parallel.fused_allreduce import allreduce_add_rmsnorm
 from lightning_pp.parallel.layers import RMSNorm
 
-__all__ = ["DecoderConfig", "DecoderLM", "DecoderLayer", "KVCache", "RotaryEmbedding", "StepRows", "shard_layers"]
+__all__ = [
+    "DecoderConfig",
+    "DecoderLM",
+    "DecoderLayer",
+    "KVCache",
+    "RotaryEmbedding",
+    "StepRows",
+    "attend",
+    "shard_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -138,17 +148,27 @@ class RotaryEmbedding:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}.")
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotates ``x`` (``[rows, heads, D]``) by its rows' ``positions``."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(x.device)[None, :]
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the rows' angles, ``[rows, 1, D]`` in ``dtype``."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """Rotates ``x`` (``[rows, heads, D]``) by its rows' ``positions`` (or precomputed ``angles``)."""
+        cos, sin = angles if angles is not None else self.angles(positions, x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class CachedAttention(ParallelAttention):
-    """:class:`ParallelAttention`'s projections, attending over each sequence's cached keys."""
+    """:class:`ParallelAttention`'s projections, attending over each sequence's cached keys.
+
+    The new keys and values of a forward go into the layer's :class:`KVCache`, then
+    one :func:`attend` call covers every sequence of the forward.
+    """
 
     def __init__(self, config: BlockConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
         super().__init__(config, groups)
@@ -164,37 +184,115 @@ class CachedAttention(ParallelAttention):
         """This rank's partial ``o_proj`` output for the packed rows ``x``."""
         n, head_dim = x.shape[0], self.config.head_dim
         positions = rows.positions(x.device)
-        q = self.rope(self.q_proj(x).view(n, self.local_heads, head_dim), positions)
-        k = self.rope(self.k_proj(x).view(n, self.local_kv_heads, head_dim), positions)
+        # The angles depend on the rows only: every layer of the forward shares them.
+        angles = rows.memo(("rope", id(self.rope), x.device, x.dtype), lambda: self.rope.angles(positions, x.dtype))
+        q = self.rope(self.q_proj(x).view(n, self.local_heads, head_dim), positions, angles)
+        k = self.rope(self.k_proj(x).view(n, self.local_kv_heads, head_dim), positions, angles)
         v = self.v_proj(x).view(n, self.local_kv_heads, head_dim)
-        outs, offset = [], 0
-        for seq_id, num_new, start in zip(rows.seq_ids, rows.num_new, rows.start):
-            if cache.length(seq_id) != start:
-                raise RuntimeError(
-                    f"sequence {seq_id} has {cache.length(seq_id)} cached tokens but its rows start at "
-                    f"position {start}."
-                )
-            sl = slice(offset, offset + num_new)
-            keys, values = cache.extend(seq_id, k[sl], v[sl])
-            outs.append(_attend(q[sl], keys, values, start))
-            offset += num_new
-        out = torch.cat(outs) if outs else q.new_zeros(0, self.local_heads, head_dim)
+        if not rows.seq_ids:  # an idle forward: no rows, but o_proj's shape and the collectives after it
+            return self.o_proj(q.reshape(n, self.local_heads * head_dim))
+        cache.write(rows, k, v)
+        keys, values = cache.batch(rows.seq_ids, max(rows.ends))
+        out = attend(q, keys, values, rows)
         return self.o_proj(out.reshape(n, self.local_heads * head_dim))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of queries at positions ``start..`` over keys ``0..``; fp32 softmax.
+@dataclass(frozen=True)
+class _AttentionLayout:
+    """How a forward's packed rows sit in the padded batch that :func:`attend` hands to SDPA.
 
-    Shapes: ``q`` ``[Q, H, D]``, ``k``/``v`` ``[K, Hkv, D]`` with ``K = start + Q``.
+    Attributes:
+        max_new: queries per sequence after padding (the most new rows of a sequence).
+        max_len: keys per sequence after padding (the longest sequence after this forward).
+        padded_index: each packed row's place in the flattened ``[B * max_new]`` queries;
+            ``None`` when every sequence has ``max_new`` rows (the packed rows are the batch).
+        mask: ``[B, 1, max_new, max_len]``, ``True`` where a query may read a key;
+            ``None`` when no key needs masking, or when ``causal`` does it.
+        causal: SDPA's own causal mask is the right one (every sequence fresh, same length).
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    q_pos = torch.arange(start, start + q.shape[0], device=q.device)
-    k_pos = torch.arange(k.shape[0], device=q.device)
-    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+    max_new: int
+    max_len: int
+    padded_index: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    causal: bool
+
+
+def _attention_layout(rows: StepRows, device: torch.device) -> _AttentionLayout:
+    num_new, start, ends = rows.num_new, rows.start, rows.ends
+    max_new, max_len = max(num_new), max(ends)
+    uniform = min(num_new) == max_new
+    padded_index = None
+    if not uniform:
+        counts = torch.tensor(num_new, dtype=torch.long)
+        within = torch.arange(rows.num_rows) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        padded = torch.repeat_interleave(torch.arange(len(num_new)), counts) * max_new + within
+        padded_index = host_to_device(padded, device)
+    if uniform and max(start) == 0:  # fresh sequences of one length: plain causal attention
+        return _AttentionLayout(max_new, max_len, None, None, causal=max_new > 1)
+    if uniform and max_new == 1 and min(ends) == max_len:  # one decode token each, equal lengths: no mask
+        return _AttentionLayout(max_new, max_len, None, None, causal=False)
+    # Query t of sequence i sits at position start_i + t and reads keys 0..start_i + t. A padding
+    # query (t >= num_new_i) reads key 0 only: a row with no key at all would be NaN.
+    t = torch.arange(max_new)
+    q_pos = torch.tensor(start, dtype=torch.long)[:, None] + t[None, :]
+    q_pos = torch.where(t[None, :] < torch.tensor(num_new)[:, None], q_pos, torch.zeros_like(q_pos))
+    mask = torch.arange(max_len)[None, None, :] <= q_pos[:, :, None]
+    return _AttentionLayout(max_new, max_len, padded_index, host_to_device(mask[:, None], device), causal=False)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: StepRows) -> torch.Tensor:
+    """Causal attention of every sequence's new queries over its cached keys, in one SDPA call.
+
+    ``out[r] = softmax(q[r] · K_i^T / sqrt(D)) V_i`` over keys ``0..p`` of the row's
+    sequence ``i``, where ``p`` is the row's position: causal within the new rows, the
+    whole cached prefix, nothing of other sequences. Grouped-query attention: query
+    head ``h`` reads key/value head ``h // (H / Hkv)``.
+
+    The packed queries are padded to the longest sequence's new rows (a view when
+    all sequences have as many, as in a decode step) and the keys to the longest
+    sequence; a boolean mask hides the padding and the future. In a decode step the
+    query heads that share a key/value head become that head's rows of queries, so
+    each cached key is read once, not once per query head.
+
+    Args:
+        q: ``[rows.num_rows, H, D]``, the new rows' queries, packed.
+        keys, values: ``[B, Hkv, L, D]`` with ``L >= max(rows.ends)``: sequence
+            ``rows.seq_ids[i]``'s keys in batch entry ``i``, its new ones included
+            (what :meth:`KVCache.batch` returns).
+        rows: the forward's sequences.
+
+    Returns:
+        ``[rows.num_rows, H, D]``, packed like ``q``.
+    """
+    num_seqs, (n, heads, head_dim) = len(rows.seq_ids), q.shape
+    if num_seqs == 0:
+        return q.new_zeros(0, heads, head_dim)
+    layout = rows.memo(("attention", q.device), lambda: _attention_layout(rows, q.device))
+    kv_heads = keys.shape[1]
+    keys, values = keys[:, :, : layout.max_len], values[:, :, : layout.max_len]
+    if layout.max_new == 1 and heads != kv_heads:
+        # Decode: [B, H, D] -> [B, Hkv, H / Hkv, D]; a [B, 1, 1, L] mask broadcasts over the group.
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(num_seqs, kv_heads, heads // kv_heads, head_dim), keys, values, attn_mask=layout.mask
+        )
+        return out.reshape(n, heads, head_dim)
+    if layout.padded_index is None:
+        padded = q.view(num_seqs, layout.max_new, heads, head_dim)
+    else:
+        padded = q.new_zeros(num_seqs * layout.max_new, heads, head_dim).index_copy_(0, layout.padded_index, q)
+        padded = padded.view(num_seqs, layout.max_new, heads, head_dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=layout.mask,
+        is_causal=layout.causal,
+        enable_gqa=heads != kv_heads,
+    ).transpose(1, 2)  # [B, max_new, H, D]
+    if layout.padded_index is None:
+        return out.reshape(n, heads, head_dim)
+    return out.reshape(num_seqs * layout.max_new, heads, head_dim).index_select(0, layout.padded_index)
 
 
 class DecoderLayer(nn.Module):

@@ -20,10 +20,19 @@ class ScheduleError(ValueError):
 
 
 class Op(str, enum.Enum):
-    """What an :class:`Action` does; the value is its letter(s) in ``str(action)``."""
+    """What an :class:`Action` does; the value is its letter(s) in ``str(action)``.
+
+    A microbatch's backward on a stage is either one ``B`` (input and weight
+    gradients together), or, in zero-bubble schedules, an ``I`` (the gradient
+    w.r.t. the stage's input, which the previous stage waits for) followed later
+    by a ``W`` (the gradients w.r.t. its weights, which nothing waits for). The
+    letters are torch.distributed.pipelining's.
+    """
 
     FORWARD = "F"
     BACKWARD = "B"
+    BACKWARD_INPUT = "I"  # grad w.r.t. the stage's input only; keeps the graph for W
+    BACKWARD_WEIGHT = "W"  # grads w.r.t. the weights, after the same microbatch's I; frees the graph
     SEND_ACT = "SEND_F"  # output of stage s -> rank of stage s + 1
     RECV_ACT = "RECV_F"  # input of stage s <- rank of stage s - 1
     SEND_GRAD = "SEND_B"  # grad w.r.t. input of stage s -> rank of stage s - 1
@@ -31,7 +40,22 @@ class Op(str, enum.Enum):
 
     @property
     def is_compute(self) -> bool:
-        return self in (Op.FORWARD, Op.BACKWARD)
+        return self in (Op.FORWARD, Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT)
+
+    @property
+    def is_backward(self) -> bool:
+        """Any backward: ``B``, ``I`` or ``W``."""
+        return self in (Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT)
+
+    @property
+    def makes_input_grad(self) -> bool:
+        """Consumes the output gradient and produces the input gradient: ``B`` or ``I``."""
+        return self in (Op.BACKWARD, Op.BACKWARD_INPUT)
+
+    @property
+    def releases_activations(self) -> bool:
+        """The last use of a microbatch's activations on its stage: ``B`` or ``W``."""
+        return self in (Op.BACKWARD, Op.BACKWARD_WEIGHT)
 
     @property
     def is_send(self) -> bool:
@@ -123,6 +147,11 @@ class Schedule:
         if not 0 <= rank < self.pp_size:
             raise ValueError(f"rank {rank} out of range: this schedule has pipeline ranks 0..{self.pp_size - 1}")
         return tuple(range(rank, self.num_stages, self.pp_size))
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether backwards run as ``I`` then ``W`` (zero-bubble) rather than as one ``B``."""
+        return any(a.op is Op.BACKWARD_WEIGHT for rank_actions in self.actions for a in rank_actions)
 
     def format(self) -> str:
         """One line per rank: ``rank 0: 0F0 0SEND_F0 ...``."""

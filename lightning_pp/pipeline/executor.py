@@ -12,6 +12,17 @@ that input, and stops the step there (the rest of the step needs the last
 stage's output). The last stage runs ``step_fn`` in full, with the Sequential call
 answered by its own stage applied to the activation it received, so the user's
 loss code runs unchanged. Middle stages only apply their layers.
+
+A zero-bubble schedule splits a backward in two
+(:class:`~lightning_pp.pipeline.backward_split.SplitBackward`): ``I``
+back-propagates to the stage's received inputs only and keeps the graph; the
+gradient it leaves there is sent on. ``W``, later, computes the gradients of the
+graph's other leaves -- the stage's weights and any parameter the user's step used
+around the Sequential -- and frees the graph. Each parameter gets the gradient one
+full backward gives. Between ``I`` and ``W`` the graph stays alive
+(``peak_live_activations`` counts a microbatch until its ``W``). On a stage without
+received inputs that need a gradient (the first stage) ``I`` has nothing to do
+and ``W`` runs the whole backward.
 """
 
 from __future__ import annotations
@@ -22,8 +33,11 @@ import torch
 from torch import nn
 
 from lightning_pp.distributed.p2p import PipeComm, flatten_payload
+from lightning_pp.pipeline.backward_split import SplitBackward
+from lightning_pp.pipeline.block_stage import BlockPipeline
 from lightning_pp.pipeline.recorder import TraceRecorder
 from lightning_pp.pipeline.schedules import Action, Op, Schedule
+from lightning_pp.tree import map_tensors
 
 __all__ = ["PipelineExecutor", "SequentialCallError", "StepFn", "run_step_to_end", "run_step_to_first_stage"]
 
@@ -96,6 +110,10 @@ def run_step_to_first_stage(
     raise SequentialCallError(_call_count_message(sequential_name, "not at all"))
 
 
+def _no_sequential(x: Any) -> Any:
+    raise RuntimeError("A model pipelined by its block list has no pipelined nn.Sequential to call.")
+
+
 def _tensors(payload: Any) -> list[Optional[torch.Tensor]]:
     return flatten_payload(payload)[1]
 
@@ -109,6 +127,9 @@ class PipelineExecutor:
         pp_rank: this rank's position in the pipeline.
         comm: the point-to-point channel (``None`` only when ``pp_size == 1``).
         sequential_name: how the user's code knows the Sequential, for error messages.
+        block_stages: for a model that calls its blocks in its own loop, this rank's
+            :class:`~lightning_pp.pipeline.block_stage.BlockPipeline`: every stage then
+            runs the whole step as that stage (``stages`` is not used).
     """
 
     def __init__(
@@ -119,8 +140,10 @@ class PipelineExecutor:
         comm: Optional[PipeComm],
         *,
         sequential_name: str = "the pipelined nn.Sequential",
+        block_stages: Optional[BlockPipeline] = None,
     ) -> None:
         self.stages = dict(stages)
+        self.block_stages = block_stages
         self.schedule = schedule
         self.pp_rank = pp_rank
         self.comm = comm
@@ -150,6 +173,7 @@ class PipelineExecutor:
         outputs: dict[tuple[int, int], Any] = {}
         grads: dict[tuple[int, int], Any] = {}
         input_grads: dict[tuple[int, int], list[Optional[torch.Tensor]]] = {}
+        splits: dict[tuple[int, int], SplitBackward] = {}  # I ran, W has not
         results: dict[int, Any] = {}
         self.peak_live_activations = 0
         keep_graph = not self.schedule.forward_only
@@ -181,6 +205,18 @@ class PipelineExecutor:
                 input_grads[key] = [
                     t.grad if t is not None and t.requires_grad else None for t in _tensors(inputs.pop(key, None))
                 ]
+            elif op is Op.BACKWARD_INPUT:
+                # The outputs stay (counted as live) until the W; the inputs' gradients go on.
+                input_grads[key], splits[key] = self._backward_input(
+                    action, outputs[key], grads.pop(key, None), inputs.pop(key, None)
+                )
+            elif op is Op.BACKWARD_WEIGHT:
+                splits.pop(key).backward_weight()
+                del outputs[key]
+                if key[0] == self.last_stage and key[1] in results:
+                    # The step's output (a loss, logits) would keep the graph -- and whatever the
+                    # split left saved in it -- alive until the step ends: hand it back detached.
+                    results[key[1]] = map_tensors(torch.Tensor.detach, results[key[1]])
             elif op is Op.SEND_GRAD:
                 self._comm().send(input_grads.pop(key), self._peer(action), where="input gradients")
             else:  # pragma: no cover - the schedule validator rules this out
@@ -206,11 +242,18 @@ class PipelineExecutor:
         self, action: Action, stage_input: Any, step_fn: StepFn, results: dict[int, Any], loss_fn: Optional[LossFn]
     ) -> Any:
         stage, k = action.stage, action.microbatch
-        module = self.stages[stage]
 
         def run(handler: Callable[[Any], Any]) -> Any:
             return step_fn(k, handler)
 
+        if self.block_stages is not None:
+            last = stage == self.last_stage
+            out = self.block_stages.run_stage(stage, stage_input, lambda: run(_no_sequential), stop=not last)
+            if not last:
+                return out
+            results[k] = out
+            return loss_fn(k, out) if loss_fn is not None else None
+        module = self.stages[stage]
         if stage == self.last_stage:
             result = run_step_to_end(run, lambda x: module(x if stage == 0 else stage_input), self.sequential_name)
             results[k] = result
@@ -219,15 +262,34 @@ class PipelineExecutor:
             return run_step_to_first_stage(run, module, self.sequential_name)
         return module(stage_input)
 
-    def _backward(self, action: Action, output: Any, output_grads: Any) -> None:
+    def _roots(
+        self, action: Action, output: Any, output_grads: Any
+    ) -> tuple[list[torch.Tensor], Optional[list[torch.Tensor]]]:
+        """The tensors a backward starts from and their gradients (``None``: the last stage's scalar loss)."""
         if action.stage == self.last_stage:
-            if output is not None and output.requires_grad:
-                output.backward()
-            return
+            return ([output] if output is not None and output.requires_grad else []), None
         pairs = [
             (t, g)
             for t, g in zip(_tensors(output), output_grads or [])
             if t is not None and g is not None and t.requires_grad
         ]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+        return [t for t, _ in pairs], [g for _, g in pairs]
+
+    def _backward(self, action: Action, output: Any, output_grads: Any) -> None:
+        roots, root_grads = self._roots(action, output, output_grads)
+        if roots:
+            torch.autograd.backward(roots, grad_tensors=root_grads)
+
+    def _backward_input(
+        self, action: Action, output: Any, output_grads: Any, stage_input: Any
+    ) -> tuple[list[Optional[torch.Tensor]], SplitBackward]:
+        """``I``: the received inputs' gradients (to send), and the split whose ``W`` is still to run."""
+        tensors = _tensors(stage_input)
+        wanted = [t for t in tensors if t is not None and t.requires_grad]
+        roots, root_grads = self._roots(action, output, output_grads)
+        split = SplitBackward(roots, root_grads, wanted)
+        split.backward_input()
+        input_grads = [t.grad if t is not None and t.requires_grad else None for t in tensors]
+        for t in wanted:
+            t.grad = None  # the graph keeps the input alive until W; its gradient need not stay with it
+        return input_grads, split

@@ -1,6 +1,7 @@
 """Pipeline schedules as data: per-rank action lists built from a name.
 
-A schedule says, for every pipeline rank, which forward (``F``), backward (``B``),
+A schedule says, for every pipeline rank, which forward (``F``), backward (``B``,
+or its input part ``I`` and weight part ``W`` in the zero-bubble schedule),
 send and receive to run, in order. It is plain data, so it can be built, printed,
 validated and timed without a process group or a device; the engine only walks it.
 Actions print like torch's notation: ``1F3`` is stage 1's forward of microbatch 3,
@@ -20,10 +21,21 @@ backward, F = 1 tick, B = 2; from :func:`simulate`)::
     GPipe  rank 0 |012345.........0=1=2=3=4=5=|   holds all 6
            rank 3 |...0123450=1=2=3=4=5=......|
 
-Building runs in two steps: a compute-only order per rank (GPipe, 1F1B or
-Megatron's interleaved 1F1B), then :func:`lower`, which inserts the sends and
-receives and orders them so that the step completes even when every send waits
-for its receiver. That is the case on XCCL, whose ``isend`` busy-polls until the
+ZB-H1 ("zbh1", Qi et al. 2023) splits each backward into ``I`` (the input
+gradient, which the previous stage waits for: letter ``a`` for microbatch 0, ...)
+and ``W`` (the weight gradients, which nothing waits for: ``A``, ...), each half
+of ``B``, and runs owed ``W`` where 1F1B waits. Same work, 1F1B's peak memory
+(4 microbatches; on every rank now, as on 1F1B's rank 0), a third of the bubble::
+
+    ZB-H1  rank 0 |0123...aA4bB5cCdDeEfF|   holds <= 4 microbatches
+           rank 1 |.012..a3bA4cB5dCeDfEF|
+           rank 2 |..01.a2b3cA4dB5eCfDEF|
+           rank 3 |...0a1b2c3dA4eB5fCDEF|
+
+Building runs in two steps: a compute-only order per rank (GPipe, 1F1B,
+Megatron's interleaved 1F1B or ZB-H1), then :func:`lower`, which inserts the
+sends and receives and orders them so that the step completes even when every
+send waits for its receiver. That is the case on XCCL, whose ``isend`` busy-polls until the
 receive is posted: SGLang's XPU pipeline livelocked with every rank sending first
 (PR 23645), and torch's ``Schedule1F1B`` does the same at pp=2..4. Even ranks
 send first and odd ranks receive first wherever that is safe (see :func:`lower`
@@ -71,11 +83,11 @@ __all__ = [
 ]
 
 #: Canonical schedule names; :func:`build_schedule` also accepts any case and ``_``/``-``.
-SCHEDULES: Tuple[str, ...] = ("gpipe", "1f1b", "interleaved1f1b")
+SCHEDULES: Tuple[str, ...] = ("gpipe", "1f1b", "interleaved1f1b", "zbh1")
 
 
 def normalise_schedule_name(name: str) -> str:
-    """The canonical name of a schedule (``"1F1B"``, ``"interleaved_1f1b"`` -> ``"1f1b"``, ``"interleaved1f1b"``)."""
+    """The canonical name of a schedule (``"1F1B"``, ``"interleaved_1f1b"``, ``"ZB-H1"`` -> ``"1f1b"``, ...)."""
     key = str(name).lower().replace("_", "").replace("-", "").replace(" ", "")
     if key not in SCHEDULES:
         raise ValueError(
@@ -96,10 +108,11 @@ def build_schedule(
     """Builds, lowers (with parity ordering) and validates a named schedule.
 
     Args:
-        name: ``"gpipe"``, ``"1f1b"`` or ``"interleaved1f1b"`` (case-insensitive).
+        name: ``"gpipe"``, ``"1f1b"``, ``"interleaved1f1b"`` or ``"zbh1"`` (any case;
+            ``_`` and ``-`` ignored).
         pp_size: Number of pipeline ranks.
         num_microbatches: Microbatches per step.
-        virtual_stages: Stages per rank; must be 1 for gpipe/1f1b, >= 2 for interleaved1f1b.
+        virtual_stages: Stages per rank; must be 1 for gpipe/1f1b/zbh1, >= 2 for interleaved1f1b.
         forward_only: Emit forwards only (validation, inference). All schedules then
             run the same forward order.
 
@@ -152,6 +165,8 @@ def _compute_order(key: str, p: int, m: int, v: int, rank: int, forward_only: bo
     forward: with a short group of its own, pp=4, m=5, v=3 hangs (``8F4`` waits
     on ``7F4``, behind ``7B0``, which waits on ``8B0``, behind ``8F4``).
     """
+    if key == "zbh1":
+        return _zbh1_order(p, m, rank, forward_only)
     if key == "interleaved1f1b":
         bounds = list(range(0, m, p))[: max(1, m // p)] + [m]  # a short last group joins the one before
         table = [(c, k) for g, h in zip(bounds, bounds[1:]) for c in range(v) for k in range(g, h)]
@@ -170,6 +185,50 @@ def _compute_order(key: str, p: int, m: int, v: int, rank: int, forward_only: bo
     return order + backwards[len(forwards) - warmup :]
 
 
+def _zbh1_order(p: int, m: int, rank: int, forward_only: bool) -> List[Action]:
+    """ZB-H1's compute order on one rank (Qi et al. 2023, "Zero Bubble Pipeline Parallelism").
+
+    1F1B with each backward split into ``I`` (input gradient, which the previous
+    stage waits for) and ``W`` (weight gradients, which nothing waits for). Rank r
+    warms up with 1F1B's ``min(p - 1 - r, m)`` forwards and then repeats
+    ``F I W``, except that it holds back its first r ``W``: gradients then travel
+    up the pipeline at the pace of ``I`` alone, and a rank that would wait for one
+    in the drain runs an owed ``W`` instead. Draining, each ``I`` is followed by the
+    oldest owed ``W``; the rest close the step. pp=4::
+
+        rank 0 |F0 F1 F2 F3 I0 W0 F4 I1 W1 ...|   warm-up 3, no W held back
+        rank 3 |F0 I0 F1 I1 F2 I2 F3 I3 W0 F4 I4 W1 ...|   3 W held back
+
+    Activations live from ``F`` to ``W``: after warm-up, F count minus W count is
+    ``p - 1 - r + 1 + r = p`` on every rank, 1F1B's peak (on its rank 0). With
+    ``F = I = W`` the step takes ``3m + p - 1`` ticks for ``m >= p``, against
+    1F1B's ``3(m + p - 1)``: a third of the bubble, as in the paper.
+    """
+    forwards = [Action(Op.FORWARD, rank, k) for k in range(m)]
+    if forward_only:
+        return forwards
+    warmup = min(p - 1 - rank, m)
+    order = forwards[:warmup]
+    owed: List[int] = []  # microbatches whose I ran and whose W did not, oldest first
+
+    def input_grad(k: int) -> None:
+        order.append(Action(Op.BACKWARD_INPUT, rank, k))
+        owed.append(k)
+
+    def weight_grad() -> None:
+        order.append(Action(Op.BACKWARD_WEIGHT, rank, owed.pop(0)))
+
+    for i in range(m - warmup):  # steady state: F, I and, once r W are held back, W
+        order.append(forwards[warmup + i])
+        input_grad(i)
+        if i >= rank:
+            weight_grad()
+    for k in range(m - warmup, m):  # drain: each I, then the oldest owed W
+        input_grad(k)
+        weight_grad()
+    return order + [Action(Op.BACKWARD_WEIGHT, rank, k) for k in owed]
+
+
 def lower(schedule: Schedule, *, parity: bool = True) -> Schedule:
     """Returns ``schedule`` with communication (re)inserted around its compute actions.
 
@@ -181,7 +240,7 @@ def lower(schedule: Schedule, *, parity: bool = True) -> Schedule:
     rank 2 can run ``2B0`` and answer ``1RECV_B0``, so receiving first hangs; and
     interleaved 1F1B needs some sends held back past the next compute. So:
 
-    1. Time the compute order with buffered messages (F = 1 tick, B = 2).
+    1. Time the compute order with buffered messages (F = 1 tick, B = 2, I = W = 1).
     2. Give each message one instant in that plan when neither rank computes:
        preferably in the receiver's last gap before the consumer, as early as
        possible (receive right before the consumer, send right after the
@@ -261,6 +320,8 @@ def _comm_of(action: Action, rank: int, p: int, last: int) -> List[Action]:
     """The receive ``action`` needs and the send it owes, when the other side is another rank."""
     s, k = action.stage, action.microbatch
     prev, nxt = (s - 1) % p, (s + 1) % p
+    if action.op is Op.BACKWARD_WEIGHT:  # local: its input came with the I before it
+        return []
     if action.op is Op.FORWARD:
         recv = [Action(Op.RECV_ACT, s, k, prev)] if s > 0 and prev != rank else []
         return recv + ([Action(Op.SEND_ACT, s, k, nxt)] if s < last and nxt != rank else [])
@@ -268,13 +329,21 @@ def _comm_of(action: Action, rank: int, p: int, last: int) -> List[Action]:
     return recv + ([Action(Op.SEND_GRAD, s, k, prev)] if s > 0 and prev != rank else [])
 
 
-def _consumer(message: Key) -> Key:
+def _consumer(message: Key, known: Dict[Key, int]) -> Key:
+    """The compute action that needs ``message``: a forward, or a ``B`` (``I`` when the backward is split)."""
     op, s, k = message
-    return (Op.FORWARD, s + 1, k) if op is Op.SEND_ACT else (Op.BACKWARD, s - 1, k)
+    if op is Op.SEND_ACT:
+        return (Op.FORWARD, s + 1, k)
+    full = (Op.BACKWARD, s - 1, k)
+    return full if full in known else (Op.BACKWARD_INPUT, s - 1, k)
+
+
+#: Ticks of each compute op in the buffered plan that places messages.
+_TICKS = {Op.FORWARD: 1.0, Op.BACKWARD: 2.0, Op.BACKWARD_INPUT: 1.0, Op.BACKWARD_WEIGHT: 1.0}
 
 
 def _buffered_plan(computes: List[List[Action]], last: int) -> Optional[Tuple[Dict[Key, float], Dict[Key, float]]]:
-    """Start and end of every compute action (F = 1, B = 2) when messages never wait.
+    """Start and end of every compute action (F = 1, B = 2, I = W = 1) when messages never wait.
 
     ``None`` if the order cannot run even so; lowering then stays naive and the
     validator explains what is wrong.
@@ -289,14 +358,21 @@ def _buffered_plan(computes: List[List[Action]], last: int) -> Optional[Tuple[Di
             while pos[rank] < len(compute):
                 a = compute[pos[rank]]
                 s, k = a.stage, a.microbatch
+                dep: Optional[Key]
                 if a.op is Op.FORWARD:
                     dep = (Op.FORWARD, s - 1, k) if s > 0 else None
-                else:
-                    dep = (Op.BACKWARD, s + 1, k) if s < last else (Op.FORWARD, s, k)
+                elif a.op is Op.BACKWARD_WEIGHT:
+                    dep = (Op.BACKWARD_INPUT, s, k)
+                elif s == last:
+                    dep = (Op.FORWARD, s, k)
+                else:  # the next stage's B, or its I where the backward is split
+                    dep = (Op.BACKWARD, s + 1, k)
+                    if dep not in end:
+                        dep = (Op.BACKWARD_INPUT, s + 1, k)
                 if dep is not None and dep not in end:
                     break
                 start[_key_of(a)] = max(free[rank], end[dep] if dep else 0.0)
-                free[rank] = end[_key_of(a)] = start[_key_of(a)] + (1.0 if a.op is Op.FORWARD else 2.0)
+                free[rank] = end[_key_of(a)] = start[_key_of(a)] + _TICKS[a.op]
                 pos[rank] += 1
                 moved = True
     return (start, end) if all(pos[r] == len(c) for r, c in enumerate(computes)) else None
@@ -336,7 +412,7 @@ def _message_instants(
     for sender, compute in enumerate(computes):
         for producer in compute:
             for comm in _comm_of(producer, sender, p, last):
-                consumer = _consumer(_key_of(comm))
+                consumer = _consumer(_key_of(comm), rank_of)
                 if not comm.op.is_send or consumer not in rank_of:
                     continue
                 receiver, ready, needed = rank_of[consumer], end[_key_of(producer)], start[consumer]

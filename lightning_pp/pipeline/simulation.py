@@ -1,9 +1,10 @@
 """Checking and timing schedules without running them.
 
 :func:`validate_schedule` is the gate every schedule passes before the engine
-walks it: static checks (each forward and backward once, on the rank that holds
-its stage, in data-dependency order; every send matched by one receive, pairwise
-in FIFO order), then a replay in which every send and every receive is a
+walks it: static checks (each forward and backward once -- a backward is one
+``B`` or an ``I`` then a ``W`` -- on the rank that holds its stage, in
+data-dependency order; every send matched by one receive, pairwise in FIFO
+order), then a replay in which every send and every receive is a
 blocking rendezvous -- the strictest backend there is (XCCL's ``isend``
 busy-polls until the receive is posted). A schedule that completes under that
 model completes under any buffering.
@@ -67,11 +68,15 @@ def validate_schedule(schedule: Schedule) -> None:
 
     * every action's stage and microbatch exist and its stage lives on that rank;
       comm actions name the right peer and have something to carry;
-    * every ``F(s, k)`` appears exactly once, and ``B(s, k)`` too unless forward-only;
-    * on each rank ``F(s, k)`` precedes ``B(s, k)``; an input arriving from another
-      rank is received before the compute that uses it and a result is sent after
-      the compute that makes it; stages sharing a rank (``pp_size == 1``) run
-      ``F(s-1, k)`` before ``F(s, k)`` and ``B(s+1, k)`` before ``B(s, k)``;
+    * every ``F(s, k)`` appears exactly once and, unless forward-only, so does its
+      backward: either one ``B(s, k)``, or one ``I(s, k)`` (input gradient) and one
+      ``W(s, k)`` (weight gradients), never both kinds;
+    * on each rank ``F(s, k)`` precedes ``B(s, k)`` / ``I(s, k)``, and ``I(s, k)``
+      precedes ``W(s, k)`` (W reuses the graph I kept); an input arriving from
+      another rank is received before the compute that uses it and a result is
+      sent after the compute that makes it (an input gradient after ``B`` or
+      ``I``); stages sharing a rank (``pp_size == 1``) run ``F(s-1, k)`` before
+      ``F(s, k)`` and ``B(s+1, k)`` before ``B(s, k)`` (``I`` likewise);
     * between each ordered pair of ranks, the n-th send matches the n-th receive;
     * the schedule completes when every send and receive blocks until its
       partner is reached; otherwise the error shows where each rank is stuck.
@@ -113,7 +118,7 @@ def _static_problems(schedule: Schedule) -> List[str]:
             if a.stage % p != rank:
                 problems.append(f"{at}: stage {a.stage} lives on rank {a.stage % p} (stage s on rank s % pp_size)")
                 continue
-            if schedule.forward_only and a.op in (Op.BACKWARD, Op.SEND_GRAD, Op.RECV_GRAD):
+            if schedule.forward_only and (a.op.is_backward or a.op in (Op.SEND_GRAD, Op.RECV_GRAD)):
                 problems.append(f"{at}: a forward_only schedule has no backward or gradient traffic; remove it")
                 continue
             if not a.op.is_compute:
@@ -148,13 +153,20 @@ def _static_problems(schedule: Schedule) -> List[str]:
                 f"rank {then[1] % p}: '{_key(*first)}' (#{i}) must come before '{_key(*then)}' (#{j}): {why}"
             )
 
-    passes = (Op.FORWARD,) if schedule.forward_only else (Op.FORWARD, Op.BACKWARD)
+    def backward_of(s: int, k: int) -> Tuple[Op, int, int]:
+        """The action making the input gradient of ``(s, k)``: its ``B``, or its ``I`` when split."""
+        split = (Op.BACKWARD, s, k) not in where and (
+            (Op.BACKWARD_INPUT, s, k) in where or (Op.BACKWARD_WEIGHT, s, k) in where
+        )
+        return (Op.BACKWARD_INPUT if split else Op.BACKWARD, s, k)
+
     for s in range(last + 1):
         for k in range(m):
-            for op in passes:
-                if index(op, s, k) is None:
-                    problems.append(f"missing '{_key(op, s, k)}' on rank {s % p}: each stage runs it exactly once")
-            F, B = (Op.FORWARD, s, k), (Op.BACKWARD, s, k)
+            if index(Op.FORWARD, s, k) is None:
+                problems.append(f"missing '{_key(Op.FORWARD, s, k)}' on rank {s % p}: each stage runs it exactly once")
+            if not schedule.forward_only:
+                problems += _backward_problems(where, s, k, p)
+            F, B = (Op.FORWARD, s, k), backward_of(s, k)
             if s > 0 and (s - 1) % p == s % p:
                 before((Op.FORWARD, s - 1, k), F, "a forward needs the previous stage's output", False)
             elif s > 0:
@@ -164,8 +176,10 @@ def _static_problems(schedule: Schedule) -> List[str]:
             if schedule.forward_only:
                 continue
             before(F, B, "a backward needs its forward's activations", False)
+            if B[0] is Op.BACKWARD_INPUT:
+                before(B, (Op.BACKWARD_WEIGHT, s, k), "a weight gradient W reuses the graph its I kept", False)
             if s < last and (s + 1) % p == s % p:
-                before((Op.BACKWARD, s + 1, k), B, "a backward needs the next stage's gradient", False)
+                before(backward_of(s + 1, k), B, "a backward needs the next stage's gradient", False)
             elif s < last:
                 before((Op.RECV_GRAD, s, k), B, "a backward needs its output gradient received first", True)
             if s > 0 and (s - 1) % p != s % p:
@@ -182,12 +196,31 @@ def _static_problems(schedule: Schedule) -> List[str]:
     return problems
 
 
+def _backward_problems(where: Dict[Tuple[Op, int, int], List[Tuple[int, int]]], s: int, k: int, p: int) -> List[str]:
+    """What is wrong with the backward of stage ``s``, microbatch ``k``: one ``B``, or one ``I`` and one ``W``."""
+    full, inp, weight = ((op, s, k) in where for op in (Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT))
+    b, i, w = (_key(op, s, k) for op in (Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT))
+    if full and (inp or weight):
+        return [
+            f"'{b}' and '{i if inp else w}' both appear on rank {s % p}: a backward is either one full B, or an "
+            f"input part I then a weight part W; keep one form"
+        ]
+    if inp and not weight:
+        return [f"missing '{w}' on rank {s % p}: '{i}' computed only the input gradient; add its W after it"]
+    if weight and not inp:
+        return [f"missing '{i}' on rank {s % p}: '{w}' needs the input-gradient part I before it"]
+    if not (full or inp):
+        return [f"missing '{b}' on rank {s % p}: each stage runs it exactly once (whole, or split as I then W)"]
+    return []
+
+
 def _replay(
     schedule: Schedule,
     *,
     blocking_send: bool,
     forward_time: float = 0.0,
     backward_time: float = 0.0,
+    weight_time: float = 0.0,
     comm_time: float = 0.0,
 ) -> List[List[TimedAction]]:
     """Executes ``schedule`` on simulated ranks; raises :class:`ScheduleError` on deadlock.
@@ -195,10 +228,16 @@ def _replay(
     Assumes the static checks passed. With ``blocking_send`` a send and its receive
     form a rendezvous: both start when the later of the two ranks arrives and both
     take ``comm_time``. Otherwise a send returns at once and its receive finishes
-    no earlier than ``comm_time`` after the send was posted.
+    no earlier than ``comm_time`` after the send was posted. A split backward takes
+    ``backward_time - weight_time`` for ``I`` and ``weight_time`` for ``W``.
     """
     actions, p = schedule.actions, schedule.pp_size
-    duration = {Op.FORWARD: forward_time, Op.BACKWARD: backward_time}
+    duration = {
+        Op.FORWARD: forward_time,
+        Op.BACKWARD: backward_time,
+        Op.BACKWARD_INPUT: backward_time - weight_time,
+        Op.BACKWARD_WEIGHT: weight_time,
+    }
     pos, clock = [0] * p, [0.0] * p
     timeline: List[List[TimedAction]] = [[] for _ in range(p)]
     in_flight: Dict[Tuple[int, int], Deque[float]] = collections.defaultdict(collections.deque)
@@ -267,6 +306,7 @@ def simulate(
     *,
     forward_time: float = 1.0,
     backward_time: float = 2.0,
+    weight_time: Optional[float] = None,
     comm_time: float = 0.0,
     blocking_send: bool = True,
 ) -> List[List[TimedAction]]:
@@ -285,7 +325,12 @@ def simulate(
         schedule: A schedule; its static checks run first, and a deadlock under
             the chosen model raises :class:`ScheduleError`.
         forward_time: Duration of one ``F`` action (one stage, one microbatch).
-        backward_time: Duration of one ``B`` action.
+        backward_time: Duration of one whole backward: a ``B`` action, or an ``I``
+            and its ``W`` together, so that schedules with and without a split
+            backward are timed on the same work.
+        weight_time: The part of ``backward_time`` that is the weight gradients:
+            how long a ``W`` takes; ``I`` takes the rest. Default: half, which with
+            the default times is the paper's ``F = I = W`` (= 1).
         comm_time: Duration of one send/receive pair.
         blocking_send: Whether a send waits for its receiver.
 
@@ -293,15 +338,28 @@ def simulate(
         ``timeline[r]`` lists :class:`TimedAction` ``(start, end, action)`` for rank
         ``r`` in execution order, comm actions included.
     """
-    for name, value in (("forward_time", forward_time), ("backward_time", backward_time), ("comm_time", comm_time)):
+    if weight_time is None:
+        weight_time = backward_time / 2
+    for name, value in (
+        ("forward_time", forward_time),
+        ("backward_time", backward_time),
+        ("weight_time", weight_time),
+        ("comm_time", comm_time),
+    ):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if weight_time > backward_time:
+        raise ValueError(
+            f"weight_time={weight_time!r} exceeds backward_time={backward_time!r}: weight_time is the weight-gradient "
+            "part of the whole backward, so pass weight_time <= backward_time"
+        )
     _check_static(schedule)
     return _replay(
         schedule,
         blocking_send=blocking_send,
         forward_time=forward_time,
         backward_time=backward_time,
+        weight_time=weight_time,
         comm_time=comm_time,
     )
 
@@ -320,22 +378,35 @@ def bubble_fraction(timeline: Sequence[Sequence[TimedAction]]) -> float:
     return 0.0 if span <= 0 else 1.0 - busy / (len(timeline) * span)
 
 
-def ideal_bubble_fraction(pp_size: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+def ideal_bubble_fraction(
+    pp_size: int, num_microbatches: int, virtual_stages: int = 1, *, zero_bubble: bool = False
+) -> float:
     """Textbook bubble ``(p - 1) / (v m + p - 1)`` of GPipe/1F1B (``v = 1``) and interleaving.
 
     This is idle time over total time, with a stage's work split evenly over its
     ``v`` chunks; for interleaving it is exact when ``m`` is a multiple of ``p``.
+    With ``zero_bubble=True``, ZB-H1's ``(p - 1) / (3 m + p - 1)``: each rank idles
+    ``(p - 1)(F + I - W)`` against 1F1B's ``(p - 1)(F + I + W)``, a third when
+    ``F = I = W``, for which it is exact when ``m >= p``.
     """
     check_sizes(pp_size, num_microbatches, virtual_stages)
+    if zero_bubble:
+        if virtual_stages != 1:
+            raise ValueError(
+                f"zero_bubble is ZB-H1's bubble, one stage per rank: pass virtual_stages=1, got {virtual_stages}"
+            )
+        return (pp_size - 1) / (3 * num_microbatches + pp_size - 1)
     return (pp_size - 1) / (virtual_stages * num_microbatches + pp_size - 1)
 
 
 def peak_live_activations(schedule: Schedule) -> Tuple[int, ...]:
-    """Per rank, the most forwards at any time whose backward has not run yet.
+    """Per rank, the most forwards at any time whose backward has not finished yet.
 
     That is how many microbatches' activations a rank must keep: ``m`` on every
-    rank for GPipe, ``min(p - r, m)`` on rank ``r`` for 1F1B. With virtual stages a
-    unit is one chunk's activations. Forward-only schedules keep none (0).
+    rank for GPipe, ``min(p - r, m)`` on rank ``r`` for 1F1B, ``min(p, m)`` on
+    every rank for ZB-H1 (a split backward frees its activations at ``W``, not at
+    ``I``). With virtual stages a unit is one chunk's activations. Forward-only
+    schedules keep none (0).
     """
     peaks = []
     for actions in schedule.actions:
@@ -343,7 +414,7 @@ def peak_live_activations(schedule: Schedule) -> Tuple[int, ...]:
         for a in actions:
             if schedule.forward_only:
                 break
-            live += {Op.FORWARD: 1, Op.BACKWARD: -1}.get(a.op, 0)
+            live += 1 if a.op is Op.FORWARD else -1 if a.op.releases_activations else 0
             peak = max(peak, live)
         peaks.append(peak)
     return tuple(peaks)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
+from lightning_pp.pipeline.block_stage import installed_block_pipeline
 from lightning_pp.pipeline.split import plan_stage_split
 from lightning_pp.pipeline.ties import TiedParameter, find_cross_stage_ties
 
@@ -24,6 +25,7 @@ __all__ = [
     "layer_weights",
     "partition_module",
     "plan_module_split",
+    "uses_block_list",
 ]
 
 
@@ -197,3 +199,19 @@ def capture_sequential_input(module: nn.Module, attr: str, batch: Any, hook: str
     finally:
         setattr(module, attr, original)
         del module.log, module.log_dict
+
+
+def uses_block_list(root: nn.Module, name: Optional[str]) -> bool:
+    """Whether ``root`` is pipelined by a block list rather than a direct-child ``nn.Sequential`` called once.
+
+    A direct-child ``nn.Sequential`` (the original contract) keeps its meaning: with
+    no name, any such child selects it; a plain name that is such a child too. A
+    dotted path, or a name of anything else, selects a block list.
+    """
+    if installed_block_pipeline(root) is not None:
+        return True
+    children = dict(root.named_children())
+    sequential = (nn.Sequential, PipelinedSequential)
+    if name is None:
+        return not any(isinstance(child, sequential) for child in children.values())
+    return not isinstance(children.get(name), sequential)

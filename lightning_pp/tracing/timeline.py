@@ -1,10 +1,12 @@
 """Pictures of pipeline schedules: planned (from action lists) or measured (from a trace).
 
 Draws the classic pipeline diagram: one row per pipeline rank, time to the right,
-a box per forward (light) and backward (dark) labelled with its microbatch, and the
-idle gaps left blank. The title gives the bubble fraction against the ideal
-``(p - 1) / (v m + p - 1)``. matplotlib is optional (``pip install lightning_pp[plot]``)
-and imported only here, only when drawing.
+a box per forward (light) and backward (dark; a split backward's input part dark,
+its weight part green) labelled with its microbatch, and the idle gaps left
+blank. The title gives the bubble fraction against the ideal
+``(p - 1) / (v m + p - 1)`` (ZB-H1: ``(p - 1) / (3 m + p - 1)``). matplotlib is
+optional (``pip install lightning_pp[plot]``) and imported only here, only when
+drawing.
 
     from lightning_pp.pipeline.schedules import build_schedule
     from lightning_pp.tracing.timeline import draw_schedule
@@ -23,10 +25,19 @@ from lightning_pp.pipeline.simulation import (
     simulate,
 )
 
-__all__ = ["draw_schedule", "draw_timeline"]
+__all__ = ["IDEAL_FORMULA", "ZERO_BUBBLE_FORMULA", "draw_schedule", "draw_timeline"]
 
-_COLORS = {Op.FORWARD: "#8ecae6", Op.BACKWARD: "#219ebc"}
+_COLORS = {Op.FORWARD: "#8ecae6", Op.BACKWARD: "#219ebc", Op.BACKWARD_INPUT: "#219ebc", Op.BACKWARD_WEIGHT: "#2a9d8f"}
+_LABELS = {
+    Op.FORWARD: "forward",
+    Op.BACKWARD: "backward",
+    Op.BACKWARD_INPUT: "backward, input (I)",
+    Op.BACKWARD_WEIGHT: "backward, weights (W)",
+}
 _COMM_COLOR = "#ffb703"
+#: The textbook bubble each kind of schedule is drawn against.
+IDEAL_FORMULA = "(p-1)/(vm+p-1)"
+ZERO_BUBBLE_FORMULA = "(p-1)/(3m+p-1), F=I=W"
 
 
 def _pyplot() -> Any:
@@ -48,6 +59,7 @@ def draw_timeline(
     *,
     title: str,
     ideal_bubble: Optional[float] = None,
+    ideal_formula: str = IDEAL_FORMULA,
     show_comm: bool = False,
     time_unit: str = "ticks",
 ) -> float:
@@ -57,6 +69,7 @@ def draw_timeline(
         timeline: ``timeline[r]`` is rank ``r``'s executed actions.
         title: first line of the title.
         ideal_bubble: the schedule's textbook bubble, printed beside the measured one.
+        ideal_formula: how ``ideal_bubble`` was computed, for the title.
         show_comm: also draw sends/receives (thin boxes), e.g. for measured traces.
         time_unit: axis label.
     """
@@ -84,10 +97,12 @@ def draw_timeline(
     ax.set_xlabel(time_unit)
     subtitle = f"bubble {bubble:.1%}"
     if ideal_bubble is not None:
-        subtitle += f" (ideal (p-1)/(vm+p-1) = {ideal_bubble:.1%})"
+        subtitle += f" (ideal {ideal_formula} = {ideal_bubble:.1%})"
     ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[op]) for op in (Op.FORWARD, Op.BACKWARD)]
-    labels = ["forward", "backward"]
+    split = any(e.action.op is Op.BACKWARD_INPUT for e in events)
+    shown = [Op.FORWARD] + ([Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT] if split else [Op.BACKWARD])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[op]) for op in shown]
+    labels = [_LABELS[op] for op in shown]
     if show_comm:
         handles.append(plt.Rectangle((0, 0), 1, 1, color=_COMM_COLOR))
         labels.append("send/recv")
@@ -101,14 +116,35 @@ def draw_timeline(
 
 
 def draw_schedule(
-    schedule: Schedule, path: str, *, forward_time: float = 1.0, backward_time: float = 2.0
+    schedule: Schedule,
+    path: str,
+    *,
+    forward_time: float = 1.0,
+    backward_time: float = 2.0,
+    weight_time: Optional[float] = None,
 ) -> float:
-    """Draws ``schedule`` as planned, without running anything; returns its bubble fraction."""
-    timeline = simulate(schedule, forward_time=forward_time, backward_time=backward_time)
+    """Draws ``schedule`` as planned, without running anything; returns its bubble fraction.
+
+    Times as in :func:`~lightning_pp.pipeline.simulation.simulate`: ``backward_time``
+    is a whole backward, of which a split one spends ``weight_time`` (default half)
+    in ``W``.
+    """
+    timeline = simulate(schedule, forward_time=forward_time, backward_time=backward_time, weight_time=weight_time)
+    split = schedule.splits_backward
+    times = f"F={forward_time:g}, B={backward_time:g}"
+    if split:
+        weight = backward_time / 2 if weight_time is None else weight_time
+        times = f"F={forward_time:g}, I={backward_time - weight:g}, W={weight:g}"
     title = (
         f"{schedule.name}: pp={schedule.pp_size}, m={schedule.num_microbatches}"
         + (f", v={schedule.virtual_stages}" if schedule.virtual_stages > 1 else "")
-        + f" (planned, F={forward_time:g}, B={backward_time:g})"
+        + f" (planned, {times})"
     )
-    ideal = ideal_bubble_fraction(schedule.pp_size, schedule.num_microbatches, schedule.virtual_stages)
-    return draw_timeline(timeline, path, title=title, ideal_bubble=ideal)
+    ideal: Optional[float] = None
+    if not split or schedule.virtual_stages == 1:  # no textbook figure for a split interleaved schedule
+        ideal = ideal_bubble_fraction(
+            schedule.pp_size, schedule.num_microbatches, schedule.virtual_stages, zero_bubble=split
+        )
+    return draw_timeline(
+        timeline, path, title=title, ideal_bubble=ideal, ideal_formula=ZERO_BUBBLE_FORMULA if split else IDEAL_FORMULA
+    )

@@ -145,20 +145,25 @@ class StepTracer:
         self.written = path
         if self.options.png:
             from lightning_pp.pipeline.simulation import ideal_bubble_fraction
-            from lightning_pp.tracing.timeline import draw_timeline
+            from lightning_pp.tracing.timeline import IDEAL_FORMULA, ZERO_BUBBLE_FORMULA, draw_timeline
 
+            zero_bubble = describe.get("schedule") == "zbh1"
             title = (
                 f"{describe.get('schedule')}: pp={describe.get('pp_size')}, m={describe.get('num_microbatches')} "
                 f"(measured, step {last_step}, replica 0)"
             )
             ideal = ideal_bubble_fraction(
-                int(describe["pp_size"]), int(describe["num_microbatches"]), int(describe.get("virtual_stages", 1))
+                int(describe["pp_size"]),
+                int(describe["num_microbatches"]),
+                int(describe.get("virtual_stages", 1)),
+                zero_bubble=zero_bubble,
             )
             draw_timeline(
                 events_to_timeline(drawn, last_step),
                 os.path.join(self.options.dir, "timeline.png"),
                 title=title,
                 ideal_bubble=ideal,
+                ideal_formula=ZERO_BUBBLE_FORMULA if zero_bubble else IDEAL_FORMULA,
                 show_comm=True,
                 time_unit="seconds",
             )

@@ -119,6 +119,8 @@ CASES = {
     "more-microbatches-than-rows": dict(pp=2, m=7),
     "strategy-by-name-defaults": dict(pp=2, by_name=True),
     "max-steps": dict(pp=2, m=2, max_steps=2, epochs=3),
+    # Zero-bubble: each backward split into I (input gradient) and W (weights), clipped, accumulated.
+    "zbh1-pp2-clip+accumulate": dict(pp=2, m=4, schedule="ZBH1", clip=0.05, accumulate=2, epochs=2, val=True),
 }
 
 
@@ -140,7 +142,7 @@ def test_fp16_loss_scaling_matches_one_device_fp16():
     _check(run_on_ranks(_pp_rank, 2, cfg, init_process_group=False), _reference(cfg), rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B"])
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B", "ZBH1"])
 def test_four_stages_match_one_device(schedule):
     cfg = dict(pp=4 if schedule != "Interleaved1F1B" else 2, m=4, schedule=schedule, val=True)
     world = 4 if schedule != "Interleaved1F1B" else 2
@@ -151,6 +153,7 @@ TIED = {
     "pp2-clip": (2, dict(pp=2, m=4, tied=True, clip=0.05, epochs=2)),
     "pp4": (4, dict(pp=4, m=4, tied=True)),
     "interleaved-pp2": (2, dict(pp=2, m=4, tied=True, schedule="Interleaved1F1B")),
+    "zbh1-pp2": (2, dict(pp=2, m=4, tied=True, schedule="zb-h1")),
 }
 
 
@@ -184,7 +187,7 @@ def test_two_replicas_of_two_stages_match_ddp(tied):
 
 
 @pytest.mark.parametrize("pp", [2, 3, 4])
-@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B"])
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B", "ZBH1"])
 def test_every_send_waiting_for_its_receive_still_completes(pp, schedule):
     """The XCCL model: with parity ordering, no cycle of blocked senders forms."""
     world = pp

@@ -26,8 +26,8 @@ from lightning_pp.pipeline.simulation import (
     simulate,
 )
 
-F, B = Op.FORWARD, Op.BACKWARD
-TABLE = [("gpipe", 1), ("1f1b", 1), ("interleaved1f1b", 2), ("interleaved1f1b", 3)]
+F, B, I, W = Op.FORWARD, Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT  # noqa: E741 - torch's letters
+TABLE = [("gpipe", 1), ("1f1b", 1), ("interleaved1f1b", 2), ("interleaved1f1b", 3), ("zbh1", 1)]
 
 
 def _strings(schedule: Schedule) -> List[List[str]]:
@@ -86,7 +86,7 @@ def test_every_schedule_in_the_table_is_complete_and_deadlock_free(name, virtual
                     seen[(a.op, a.stage, a.microbatch)] = seen.get((a.op, a.stage, a.microbatch), 0) + 1
                 elif pp_size == 1:
                     pytest.fail(f"pp_size=1 needs no comm, got {a}")
-        passes = (F,) if forward_only else (F, B)
+        passes = (F,) if forward_only else (F, I, W) if name == "zbh1" else (F, B)
         expected = {(op, st, k): 1 for op in passes for st in range(s.num_stages) for k in range(m)}
         assert seen == expected
         assert _rendezvous(s.actions), f"{name} pp={pp_size} m={m} hangs with blocking sends"
@@ -100,7 +100,9 @@ def test_building_is_deterministic_and_names_are_case_insensitive():
         "interleaved_1f1b", 4, 8, virtual_stages=2
     )
     assert build_schedule("GPipe", 2, 3).name == "gpipe"
-    assert SCHEDULES == ("gpipe", "1f1b", "interleaved1f1b")
+    assert build_schedule("ZB-H1", 2, 3) == build_schedule("zb_h1", 2, 3) == build_schedule("ZBH1", 2, 3)
+    assert build_schedule("ZBH1", 2, 3).name == "zbh1"
+    assert SCHEDULES == ("gpipe", "1f1b", "interleaved1f1b", "zbh1")
 
 
 # --------------------------------------------------------------------------- golden
@@ -187,10 +189,11 @@ def test_literal_parity_rule_alone_hangs_gpipe_at_pp3():
         validate_schedule(dataclasses.replace(naive, actions=tuple(ranks)))
 
 
+@pytest.mark.parametrize("name", ["1f1b", "zbh1"])
 @pytest.mark.parametrize("pp_size", range(2, 7))
-def test_1f1b_exchanges_with_one_neighbour_follow_parity(pp_size):
+def test_1f1b_exchanges_with_one_neighbour_follow_parity(pp_size, name):
     for m in range(pp_size, 13):
-        for rank, actions in enumerate(build_schedule("1f1b", pp_size, m).actions):
+        for rank, actions in enumerate(build_schedule(name, pp_size, m).actions):
             gap: List[Action] = []
             for a in list(actions) + [Action(F, rank, 0)]:
                 if not a.op.is_compute:
@@ -324,6 +327,159 @@ def test_validator_caps_long_reports():
         validate_schedule(_replace_rank(s, 0, []))
 
 
+# --------------------------------------------------------------------------- zero bubble (ZB-H1)
+
+
+def test_golden_zbh1_pp2_m4():
+    # Rank 1 holds back one W (its first runs after 1I1); rank 0 holds none. 1SEND_B3 goes before the Ws
+    # left at the end: nothing waits for a W.
+    assert _strings(build_schedule("zbh1", 2, 4)) == [
+        (
+            "0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0I0 0W0 0F2 0SEND_F2 0RECV_B1 0I1 0W1 "
+            "0F3 0SEND_F3 0RECV_B2 0I2 0W2 0RECV_B3 0I3 0W3"
+        ).split(),
+        (
+            "1RECV_F0 1F0 1I0 1RECV_F1 1SEND_B0 1F1 1I1 1W0 1RECV_F2 1SEND_B1 1F2 1I2 1W1 "
+            "1RECV_F3 1SEND_B2 1F3 1I3 1SEND_B3 1W2 1W3"
+        ).split(),
+    ]
+
+
+def test_golden_zbh1_compute_order_pp4():
+    compute = [[str(a) for a in acts if a.op.is_compute] for acts in build_schedule("zbh1", 4, 8).actions]
+    # Warm-up p-1-r forwards as 1F1B, then F I (W); rank r holds back its first r Ws for the drain.
+    assert compute == [
+        "0F0 0F1 0F2 0F3 0I0 0W0 0F4 0I1 0W1 0F5 0I2 0W2 0F6 0I3 0W3 0F7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7".split(),
+        "1F0 1F1 1F2 1I0 1F3 1I1 1W0 1F4 1I2 1W1 1F5 1I3 1W2 1F6 1I4 1W3 1F7 1I5 1W4 1I6 1W5 1I7 1W6 1W7".split(),
+        "2F0 2F1 2I0 2F2 2I1 2F3 2I2 2W0 2F4 2I3 2W1 2F5 2I4 2W2 2F6 2I5 2W3 2F7 2I6 2W4 2I7 2W5 2W6 2W7".split(),
+        "3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3W0 3F4 3I4 3W1 3F5 3I5 3W2 3F6 3I6 3W3 3F7 3I7 3W4 3W5 3W6 3W7".split(),
+    ]
+    # Fewer microbatches than stages: no steady state, every W after its I.
+    compute = [[str(a) for a in acts if a.op.is_compute] for acts in build_schedule("zbh1", 4, 2).actions]
+    assert compute[0] == "0F0 0F1 0I0 0W0 0I1 0W1".split()
+    assert compute[3] == "3F0 3I0 3F1 3I1 3W0 3W1".split()
+
+
+@pytest.mark.parametrize("pp_size", range(2, 9))
+def test_zbh1_completes_when_every_send_waits_for_its_receive(pp_size):
+    for m in range(1, 3 * pp_size + 1):
+        s = build_schedule("zbh1", pp_size, m)  # validates, replaying under the rendezvous model
+        validate_schedule(s)
+        assert _rendezvous(s.actions), f"zbh1 pp={pp_size} m={m} hangs with blocking sends"
+        assert s.splits_backward and not build_schedule("1f1b", pp_size, m).splits_backward
+        for rank, actions in enumerate(s.actions):
+            at = {(a.op, a.microbatch): i for i, a in enumerate(actions) if a.op.is_compute}
+            assert not any(a.op is B for a in actions)
+            for k in range(m):
+                assert at[(F, k)] < at[(I, k)] < at[(W, k)], (pp_size, m, rank, k)
+        # W is local: the messages are 1F1B's, one activation and one gradient per edge and microbatch.
+        assert sum(a.op.is_send for acts in s.actions for a in acts) == 2 * (pp_size - 1) * m
+
+
+def test_zbh1_cuts_the_1f1b_bubble_to_a_third():
+    """Same work (F = 1, B = 2 = I + W): each rank idles (p - 1)(F + I - W) = 3 ticks against 1F1B's 9."""
+    p, m = 4, 8
+    one, zb = simulate(build_schedule("1f1b", p, m)), simulate(build_schedule("zbh1", p, m))
+
+    def idle(timeline: List[List[TimedAction]]) -> float:
+        span = max(e.end for events in timeline for e in events)
+        return p * span - sum(e.end - e.start for events in timeline for e in events if e.action.op.is_compute)
+
+    assert idle(one) == p * 9 and idle(zb) == p * 3
+    one_bubble, zb_bubble = bubble_fraction(one), bubble_fraction(zb)
+    print(f"pp={p} m={m} F=I=W: bubble 1F1B {one_bubble:.3f}, ZB-H1 {zb_bubble:.3f} ({zb_bubble / one_bubble:.2f}x)")
+    assert one_bubble == pytest.approx(3 / 11) and zb_bubble == pytest.approx(3 / 27)
+    assert zb_bubble == pytest.approx(ideal_bubble_fraction(p, m, zero_bubble=True))
+
+
+@pytest.mark.parametrize("blocking_send", [True, False])
+def test_zbh1_makespan_is_the_papers_and_never_above_1f1b(blocking_send):
+    for p in range(1, 9):
+        for m in range(1, 3 * p + 1):
+            zb = simulate(build_schedule("zbh1", p, m), blocking_send=blocking_send)
+            span = max(e.end for events in zb for e in events)
+            assert span <= (m + p - 1) * 3.0, (p, m)  # 1F1B's
+            if m >= p:
+                assert span == 3 * m + p - 1, (p, m)
+                assert bubble_fraction(zb) == pytest.approx(ideal_bubble_fraction(p, m, zero_bubble=True))
+    # Other splits of the backward, slower or faster forwards: still never slower than 1F1B.
+    for weight_time in (0.5, 1.5):
+        for forward_time in (0.5, 2.0):
+            for p, m in [(2, 3), (4, 2), (4, 8), (6, 9)]:
+                times = dict(forward_time=forward_time, backward_time=2.0)
+                zb = simulate(build_schedule("zbh1", p, m), weight_time=weight_time, **times)
+                one = simulate(build_schedule("1f1b", p, m), **times)
+                assert max(e.end for r in zb for e in r) <= max(e.end for r in one for e in r), (weight_time, p, m)
+
+
+@pytest.mark.parametrize("pp_size", range(1, 9))
+def test_zbh1_holds_1f1b_peak_activations(pp_size):
+    for m in range(1, 3 * pp_size + 1):
+        zb = peak_live_activations(build_schedule("zbh1", pp_size, m))
+        one = peak_live_activations(build_schedule("1f1b", pp_size, m))
+        # A microbatch's activations live from F to W: min(p, m) on every rank, 1F1B's rank-0 peak.
+        assert zb == (min(pp_size, m),) * pp_size
+        assert max(zb) == max(one) == one[0]
+        assert peak_live_activations(build_schedule("zbh1", pp_size, m, forward_only=True)) == (0,) * pp_size
+
+
+def test_simulate_times_a_split_backward():
+    s = build_schedule("zbh1", 2, 3)
+    for weight_time, (i_time, w_time) in [(None, (1.0, 1.0)), (0.5, (1.5, 0.5))]:
+        for events in simulate(s, forward_time=1.0, backward_time=2.0, weight_time=weight_time):
+            for e in events:
+                expected = {F: 1.0, I: i_time, W: w_time}.get(e.action.op, 0.0)
+                assert e.end - e.start == expected, (weight_time, str(e.action))
+    with pytest.raises(ValueError, match="weight_time=3.0 exceeds backward_time=2.0"):
+        simulate(s, weight_time=3.0)
+    with pytest.raises(ValueError, match="weight_time must be >= 0"):
+        simulate(s, weight_time=-1.0)
+    with pytest.raises(ValueError, match="pass virtual_stages=1"):
+        ideal_bubble_fraction(2, 4, 2, zero_bubble=True)
+
+
+def _without(schedule: Schedule, rank: int, *names: str) -> List[Action]:
+    return [a for a in schedule.actions[rank] if str(a) not in names]
+
+
+def test_validator_reports_a_split_backward_that_is_incomplete_or_out_of_order():
+    s = build_schedule("zbh1", 2, 3)
+    with pytest.raises(ScheduleError, match=r"missing '1W2' on rank 1: '1I2' computed only the input gradient"):
+        validate_schedule(_replace_rank(s, 1, _without(s, 1, "1W2")))
+    with pytest.raises(ScheduleError, match=r"missing '1I2' on rank 1: '1W2' needs the input-gradient part I"):
+        validate_schedule(_replace_rank(s, 1, _without(s, 1, "1I2", "1SEND_B2")))
+    with pytest.raises(ScheduleError, match=r"'1B2' and '1I2' both appear on rank 1: a backward is either one full B"):
+        validate_schedule(_replace_rank(s, 1, list(s.actions[1]) + [Action(B, 1, 2)]))
+    # W before its I on the same rank.
+    swapped = [Action(W, 0, 0) if str(a) == "0I0" else Action(I, 0, 0) if str(a) == "0W0" else a for a in s.actions[0]]
+    with pytest.raises(ScheduleError, match=r"'0I0' \(#\d+\) must come before '0W0' \(#\d+\): a weight gradient W"):
+        validate_schedule(_replace_rank(s, 0, swapped))
+    # An input gradient sent before the I that makes it.
+    late = _without(s, 1, "1SEND_B0")
+    late.insert(late.index(Action(I, 1, 0)), Action(Op.SEND_GRAD, 1, 0, 0))
+    with pytest.raises(ScheduleError, match=r"'1I0' \(#\d+\) must come before '1SEND_B0'"):
+        validate_schedule(_replace_rank(s, 1, late))
+    forward_only = build_schedule("zbh1", 2, 1, forward_only=True)
+    with pytest.raises(ScheduleError, match="forward_only schedule has no backward"):
+        validate_schedule(_replace_rank(forward_only, 0, list(forward_only.actions[0]) + [Action(W, 0, 0)]))
+
+
+def test_lowering_keeps_a_hand_made_split_order_and_sends_nothing_for_w():
+    # A split backward without ZB-H1's deferral (each W right after its I) lowers and validates too.
+    s = build_schedule("1f1b", 3, 4)
+    def split(a: Action) -> Tuple[Action, ...]:
+        return (Action(I, a.stage, a.microbatch), Action(W, a.stage, a.microbatch)) if a.op is B else (a,)
+
+    actions = tuple(tuple(x for a in acts for x in split(a)) for acts in s.actions)
+    lowered = lower(dataclasses.replace(s, name="split-1f1b", actions=actions))
+    validate_schedule(lowered)
+    assert [sorted(str(a) for a in acts if not a.op.is_compute) for acts in lowered.actions] == [
+        sorted(str(a) for a in acts if not a.op.is_compute) for acts in s.actions
+    ]
+    # The input gradient leaves after I, before W: never later than 1F1B's after B.
+    assert max(e.end for r in simulate(lowered) for e in r) <= max(e.end for r in simulate(s) for e in r)
+
+
 # --------------------------------------------------------------------------- data model and errors
 
 
@@ -332,6 +488,13 @@ def test_action_notation_and_checks():
     assert str(Action(Op.SEND_ACT, 1, 3, peer=2)) == "1SEND_F3"
     assert str(Action(Op.RECV_GRAD, 2, 0, peer=3)) == "2RECV_B0"
     assert Action("B", 0, 0).op is Op.BACKWARD
+    assert (str(Action(I, 1, 3)), str(Action(W, 1, 3))) == ("1I3", "1W3")
+    assert Action("I", 0, 0).op is Op.BACKWARD_INPUT and Action("W", 0, 0).op is Op.BACKWARD_WEIGHT
+    assert all(op.is_compute and op.is_backward for op in (B, I, W)) and not F.is_backward
+    assert [op.makes_input_grad for op in (F, B, I, W)] == [False, True, True, False]
+    assert [op.releases_activations for op in (F, B, I, W)] == [False, True, False, True]
+    with pytest.raises(ValueError, match="leave peer=None"):
+        Action(W, 0, 0, peer=1)
     with pytest.raises(ValueError, match="needs peer"):
         Action(Op.SEND_GRAD, 1, 0)
     with pytest.raises(ValueError, match="leave peer=None"):
@@ -358,7 +521,7 @@ def test_schedule_placement():
         (
             ("zero-bubble", 2, 2),
             {},
-            "Unknown pipeline schedule 'zero-bubble'. Choose one of: gpipe, 1f1b, interleaved1f1b",
+            "Unknown pipeline schedule 'zero-bubble'. Choose one of: gpipe, 1f1b, interleaved1f1b, zbh1",
         ),
         (("1f1b", 0, 2), {}, r"pp_size must be a positive int \(the number of pipeline ranks\), got 0"),
         (("1f1b", 2, 0), {}, "num_microbatches must be a positive int"),
@@ -366,6 +529,7 @@ def test_schedule_placement():
         (("gpipe", 2, 2), {"virtual_stages": 0}, "virtual_stages must be a positive int"),
         (("1f1b", 2, 2), {"virtual_stages": 2}, "use schedule='interleaved1f1b' for virtual stages"),
         (("interleaved1f1b", 2, 2), {}, "interleaved1f1b needs virtual_stages >= 2"),
+        (("zbh1", 2, 2), {"virtual_stages": 2}, "zbh1 runs one stage per rank"),
     ],
 )
 def test_build_schedule_bad_input(args, kwargs, message):
