@@ -27,9 +27,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset, Subset
+
+from lightning_pp.pipeline.step_outputs import split_rows
+from lightning_pp.tree import map_tensors, tree_unflatten
 
 __all__ = ["StreamingPredictionWriter", "read_predictions", "rows_of", "written_indices"]
 
@@ -37,20 +39,19 @@ RowsFn = Callable[[Any, int], Sequence[Any]]
 
 
 def rows_of(prediction: Any, num_rows: int) -> list[Any]:
-    """Splits a batch's prediction into JSON-ready rows (tensors along dim 0, through dicts/tuples/lists)."""
+    """Splits a batch's prediction into JSON-ready rows, by the row rule of :mod:`lightning_pp.pipeline.step_outputs`.
 
-    def row(node: Any, i: int) -> Any:
-        if isinstance(node, torch.Tensor):
-            return node[i].tolist() if node.dim() > 0 else node.item()
-        if isinstance(node, dict):
-            return {str(k): row(v, i) for k, v in node.items()}
-        if isinstance(node, (tuple, list)):
-            if len(node) == num_rows and not any(isinstance(v, (torch.Tensor, dict, tuple, list)) for v in node):
-                return node[i]  # one plain value per row
-            return [row(v, i) for v in node]
-        return node
-
-    return [row(prediction, i) for i in range(num_rows)]
+    Tensors give their row along dim 0 (as nested lists; a 0-d tensor its number), a
+    list with one entry per row gives that entry, tuples and dicts keep their
+    structure, and values of the whole batch are repeated in every row.
+    """
+    rows = split_rows([prediction], [num_rows])[0]
+    out = []
+    for i in range(num_rows):
+        row = rows.take(i, i + 1)
+        leaves = [leaf if whole else leaf[0] for leaf, whole in zip(row.leaves, row.whole)]
+        out.append(map_tensors(lambda t: t.tolist(), tree_unflatten(row.spec, leaves)))
+    return out
 
 
 def _complete_lines(path: Path) -> tuple[list[str], int]:
