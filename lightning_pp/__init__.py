@@ -28,13 +28,14 @@ from lightning_pp._deferred import register_with_lightning
 if TYPE_CHECKING:
     from lightning_pp.checkpoint import consolidate_checkpoint
     from lightning_pp.distributed.errors import CollectiveError, PipeCommError
-    from lightning_pp.integration import NPUAccelerator, PPStrategy, XPUAccelerator
+    from lightning_pp.integration import GenerationProgress, NPUAccelerator, PPStrategy, XPUAccelerator
     from lightning_pp.platform import Platform, current_platform, use_platform
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CollectiveError",
+    "GenerationProgress",
     "NPUAccelerator",
     "PPStrategy",
     "PipeCommError",
@@ -49,6 +50,7 @@ __all__ = [
 # Where each public name lives; loaded on first access (PEP 562).
 _HOMES = {
     "CollectiveError": "lightning_pp.distributed.errors",
+    "GenerationProgress": "lightning_pp.integration",
     "NPUAccelerator": "lightning_pp.integration",
     "PPStrategy": "lightning_pp.integration",
     "PipeCommError": "lightning_pp.distributed.errors",

@@ -211,10 +211,12 @@ class _Sequence:
     key: int  # its random stream: the prompt's dataset index
     max_new_tokens: int
     score_from: int = 0  # scoring: the continuation's first position (0: generating)
+    stop: Optional[Callable[[list[int]], bool]] = None  # a stop-string test on the continuation so far
     consumed: int = 0
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     done: bool = False
+    finish_reason: str = ""
 
     def scored_positions(self, start: int, num_new: int) -> tuple[int, int]:
         """Scoring: the rows ``[lo, hi)`` (positions) of a forward whose logits predict a continuation token.
@@ -272,6 +274,9 @@ class PipelineGenerator:
         self._scoring = False
         #: Forwards of this stage that ran with no rows of its own (data-parallel attention).
         self.num_idle_forwards = 0
+        #: On the first stage, why each prompt of the last :meth:`generate` ended:
+        #: ``"eos"``, ``"stop"`` or ``"length"`` (see :mod:`lightning_pp.generation.text`).
+        self.finish_reasons: list[str] = []
 
     # -- driver -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,6 +286,7 @@ class PipelineGenerator:
         *,
         keys: Optional[Sequence[int]] = None,
         max_new_tokens: Optional[Sequence[Optional[int]]] = None,
+        stop: Optional[Sequence[Optional[Callable[[list[int]], bool]]]] = None,
     ) -> Optional[list[list[int]]]:
         """Generates for every prompt (all stages call it with the same arguments).
 
@@ -292,21 +298,29 @@ class PipelineGenerator:
             keys: each prompt's random stream when sampling (its dataset index);
                 default ``0, 1, ...``.
             max_new_tokens: each prompt's own limit (``None`` entries: the generator's).
+            stop: each prompt's stop test (``None`` entries: none), called on the
+                first stage with the ids generated so far after every token; a
+                sequence whose test is true ends there. Only the first stage calls it,
+                and the stages that follow learn of the end from its headers, so
+                any layout stops where one device stops.
 
         Returns:
-            On the first stage, each prompt's generated ids (EOS included when hit);
-            ``None`` on other stages.
+            On the first stage, each prompt's generated ids (EOS included when hit),
+            with :attr:`finish_reasons` saying why each ended; ``None`` on other stages.
         """
         limits = list(max_new_tokens) if max_new_tokens is not None else [None] * len(prompts)
-        if len(limits) != len(prompts):
-            raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts: give one each.")
+        stops = list(stop) if stop is not None else [None] * len(prompts)
+        for name, values in (("max_new_tokens", limits), ("stop", stops)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{name} has {len(values)} entries for {len(prompts)} prompts: give one each.")
         seqs = []
         for i, (prompt, limit) in enumerate(zip(prompts, limits)):
             limit = self.max_new_tokens if limit is None else int(limit)
             if limit < 1:
                 raise ValueError(f"prompt {i} asks for max_new_tokens={limit}: it must be at least 1.")
-            seqs.append(_Sequence(i, self._host(prompt), self._key(keys, i), limit))
+            seqs.append(_Sequence(i, self._host(prompt), self._key(keys, i), limit, stop=stops[i]))
         self._run(seqs, scoring=False)
+        self.finish_reasons = [s.finish_reason for s in seqs] if self.first else []
         return [s.generated for s in seqs] if self.first else None
 
     @torch.no_grad()
@@ -443,8 +457,13 @@ class PipelineGenerator:
             if token < 0:
                 continue  # a prefill chunk before the prompt's last: nothing sampled
             s.generated.append(token)
-            if token in self.eos or len(s.generated) >= s.max_new_tokens:
-                s.done = True
+            if token in self.eos:
+                s.finish_reason = "eos"
+            elif s.stop is not None and s.stop(s.generated):
+                s.finish_reason = "stop"
+            elif len(s.generated) >= s.max_new_tokens:
+                s.finish_reason = "length"
+            s.done = bool(s.finish_reason)
 
     # -- every stage ------------------------------------------------------------------------------
     def _stage_fn(self, payload: dict) -> dict:

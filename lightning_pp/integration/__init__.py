@@ -21,6 +21,7 @@ from lightning_pp.integration.generation_module import (
     ScoreDataset,
     collate_prompts,
 )
+from lightning_pp.integration.generation_progress import GenerationProgress
 from lightning_pp.integration.registration import register
 from lightning_pp.integration.strategy import PPStrategy
 from lightning_pp.integration.writer import StreamingPredictionWriter, read_predictions
@@ -30,6 +31,7 @@ __all__ = [
     "DeviceDDPStrategy",
     "FabricDeviceDDPStrategy",
     "GenerationModule",
+    "GenerationProgress",
     "NPUAccelerator",
     "PPStrategy",
     "PromptDataset",

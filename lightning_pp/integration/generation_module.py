@@ -2,9 +2,11 @@
 
 ::
 
-    model = GenerationModule(DecoderLM.from_pretrained("path/to/llama"), max_new_tokens=64)
-    loader = DataLoader(PromptDataset(prompts), batch_size=8, collate_fn=collate_prompts)
-    outputs = L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy()).predict(model, loader)
+    model = GenerationModule.from_pretrained(ckpt_dir, max_new_tokens=64)   # weights + the directory's tokenizer
+    loader = DataLoader(PromptDataset(texts, model.tokenizer), batch_size=8, collate_fn=collate_prompts)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy(),
+                        callbacks=[StreamingPredictionWriter("out/run")])
+    trainer.predict(model, loader, return_predictions=False)   # rows {"text", "token_ids", "finish_reason"}
 
 The decoder layers are the module's one direct ``nn.Sequential`` (``layers``), so
 :class:`~lightning_pp.integration.strategy.PPStrategy` splits them over the pipeline ranks as
@@ -17,8 +19,12 @@ device (any other strategy) the same generator runs with a single stage.
 Each batch is a list of prompts of any lengths: :class:`PromptItem` s (what
 :class:`PromptDataset` and :class:`ScoreDataset` give, with ``collate_fn=collate_prompts``)
 or bare 1-D token-id tensors. The prediction of a batch, on the first stage, is a
-list of generated id lists (EOS included), or with ``mode="score"`` a list of
-per-token log-probability lists, one per (prompt, continuation) pair::
+list with one entry per prompt: with a tokenizer (the module's, or the
+:class:`PromptDataset`'s, taken over at setup) a dict ``{"text": ..., "token_ids":
+[...], "finish_reason": "eos" | "stop" | "length"}``, the text decoded and cut
+before any stop string (:mod:`lightning_pp.generation.text`); without one, the
+generated id list (EOS included); with ``mode="score"`` the per-token
+log-probabilities of each (prompt, continuation) pair::
 
     scorer = GenerationModule(lm, mode="score")
     loader = DataLoader(ScoreDataset([(prompt_ids, continuation_ids), ...]), batch_size=8,
@@ -43,13 +49,14 @@ one device returns.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Subset, default_collate
 
 from lightning_pp.distributed.topology import RankTopology
 from lightning_pp.generation.chunking import ChunkPlanner
@@ -59,101 +66,20 @@ from lightning_pp.generation.engine import (
     StageParts,
     init_chunk_planner,
 )
+from lightning_pp.generation.prompts import PromptDataset, PromptItem, ScoreDataset, collate_prompts
 from lightning_pp.generation.sampling import SamplingParams
+from lightning_pp.generation.text import StopStrings, check_stop_strings, has_tokenizer, load_tokenizer
 from lightning_pp.models.llama import DecoderLM, shard_layers
 from lightning_pp.models.tp_block import BlockGroups
 from lightning_pp.parallel.dp_attention import gather_shared_outputs, share_prompts
 
 __all__ = ["MODES", "GenerationModule", "PromptDataset", "PromptItem", "ScoreDataset", "collate_prompts"]
 
+#: What :meth:`GenerationModule.from_pretrained` does about a tokenizer by default: the directory's own, if any.
+_FROM_DIRECTORY = "auto"
+
 #: What :class:`GenerationModule` does with each prompt.
 MODES = ("generate", "score")
-
-
-def _ids(values: Any) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.long).flatten()
-
-
-class PromptItem:
-    """One prompt of a batch: its token ids, its dataset index, and what to do with it.
-
-    A plain object (not a tensor, list or dataclass), so Lightning's batch transfer
-    leaves it on the host, where the generator keeps prompts until they launch.
-
-    Attributes:
-        input_ids: the prompt, 1-D ``long``.
-        index: its position in the dataset; seeds its random stream when sampling,
-            so it must not depend on the batch or the rank.
-        max_new_tokens: this prompt's own limit (``None``: the module's).
-        continuation: with ``mode="score"``, the tokens whose log-probabilities to return.
-    """
-
-    __slots__ = ("input_ids", "index", "max_new_tokens", "continuation")
-
-    def __init__(
-        self,
-        input_ids: Union[torch.Tensor, Sequence[int]],
-        index: int,
-        *,
-        max_new_tokens: Optional[int] = None,
-        continuation: Union[torch.Tensor, Sequence[int], None] = None,
-    ) -> None:
-        self.input_ids = _ids(input_ids)
-        self.index = int(index)
-        self.max_new_tokens = max_new_tokens
-        self.continuation = None if continuation is None else _ids(continuation)
-
-    def __repr__(self) -> str:
-        extra = f", max_new_tokens={self.max_new_tokens}" if self.max_new_tokens is not None else ""
-        extra += f", continuation={self.continuation.tolist()}" if self.continuation is not None else ""
-        return f"PromptItem({self.input_ids.tolist()}, index={self.index}{extra})"
-
-
-class PromptDataset(Dataset):
-    """Token-id prompts (lists or 1-D tensors) as :class:`PromptItem` s carrying their index.
-
-    Args:
-        prompts: one token-id sequence per prompt.
-        max_new_tokens: optionally, each prompt's own limit (``None`` entries: the module's).
-    """
-
-    def __init__(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: Optional[Sequence[Optional[int]]] = None
-    ) -> None:
-        self.prompts = [_ids(p) for p in prompts]
-        limits = list(max_new_tokens) if max_new_tokens is not None else [None] * len(self.prompts)
-        if len(limits) != len(self.prompts):
-            raise ValueError(
-                f"max_new_tokens has {len(limits)} entries for {len(self.prompts)} prompts: give one each."
-            )
-        self.max_new_tokens = limits
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> PromptItem:
-        return PromptItem(self.prompts[i], i, max_new_tokens=self.max_new_tokens[i])
-
-
-class ScoreDataset(Dataset):
-    """``(prompt, continuation)`` token-id pairs to score (``GenerationModule(mode="score")``)."""
-
-    def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
-        self.pairs = [(_ids(prompt), _ids(continuation)) for prompt, continuation in pairs]
-        # The prompts alone, as PromptDataset names them (the collate check reads them).
-        self.prompts = [prompt for prompt, _ in self.pairs]
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> PromptItem:
-        prompt, continuation = self.pairs[i]
-        return PromptItem(prompt, i, continuation=continuation)
-
-
-def collate_prompts(items: list[Any]) -> list[Any]:
-    """Keeps ragged prompts as a list (no padding: the generator packs rows itself)."""
-    return list(items)
 
 
 class GenerationModule(L.LightningModule):
@@ -183,6 +109,13 @@ class GenerationModule(L.LightningModule):
         profile_prefixes: cached prefix lengths to profile each size after (default
             ``0``, ``2`` and ``4`` times ``prefill_chunk``); cover the prompt lengths
             you expect, since the fit is extrapolated beyond them.
+        tokenizer: decodes the outputs into text (then each prompt's output is a
+            ``{"text", "token_ids", "finish_reason"}`` dict); ``None`` takes the
+            :class:`PromptDataset`'s tokenizer, if it has one.
+        stop: stop strings of every prompt that does not set its own (needs a tokenizer).
+        truncate: a prompt that would run past the model's ``max_position_embeddings``
+            keeps its last tokens, as many as leave room for its ``max_new_tokens``,
+            instead of being refused.
     """
 
     #: Tells PPStrategy to hand ``predict_step`` the stage context instead of streaming.
@@ -204,6 +137,9 @@ class GenerationModule(L.LightningModule):
         chunk_predictor: bool = False,
         profile_sizes: Optional[Sequence[int]] = None,
         profile_prefixes: Optional[Sequence[int]] = None,
+        tokenizer: Any = None,
+        stop: Union[str, Sequence[str], None] = None,
+        truncate: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -217,8 +153,18 @@ class GenerationModule(L.LightningModule):
                 "mode='score' returns the log-probabilities of given continuations and samples nothing: "
                 "drop temperature, top_k and top_p (or use mode='generate')."
             )
+        if mode == "score" and (stop is not None or truncate):
+            raise ValueError("mode='score' decodes nothing and cuts nothing: drop stop and truncate.")
         self.mode = mode
         self.sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        self.tokenizer = tokenizer
+        self.stop = check_stop_strings(stop, "GenerationModule(stop=...)")
+        self.truncate = truncate
+        #: Where :meth:`from_pretrained` read the model (named in errors about a missing tokenizer).
+        self.checkpoint_dir: Optional[str] = None
+        #: Prompts finished and tokens generated so far, on the rank that returns the outputs.
+        self.num_prompts_done = 0
+        self.num_tokens_generated = 0
         self.config = lm.config
         self.embed_tokens, self.input_norm, self.lm_head = lm.embed_tokens, lm.input_norm, lm.lm_head
         # nn.Sequential here; under PPStrategy a PipelinedSequential (iterated by its .stages).
@@ -236,6 +182,42 @@ class GenerationModule(L.LightningModule):
         self._sharded_for: Optional[tuple] = None
         # The index the next bare-tensor prompt takes (PromptItems carry their own).
         self._next_index = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        tokenizer: Any = _FROM_DIRECTORY,
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> "GenerationModule":
+        """A module for a local Hugging Face checkpoint directory: its weights and, when it has one, its tokenizer.
+
+        Args:
+            path: the directory (``config.json``, ``*.safetensors``, tokenizer files);
+                nothing is downloaded.
+            tokenizer: ``"auto"`` (the default): the directory's tokenizer if it has
+                one, else none (token-id prompts; a :class:`PromptDataset`'s tokenizer
+                is still taken over). A tokenizer object or another local directory,
+                or ``None`` for none.
+            dtype: the weights' dtype.
+            kwargs: the other arguments of :class:`GenerationModule`.
+
+        Raises:
+            FileNotFoundError: no ``config.json``/safetensors, or ``tokenizer`` names a
+                directory without a tokenizer.
+            ValueError: an architecture :class:`DecoderLM` does not implement (the
+                message lists those it does).
+        """
+        lm = DecoderLM.from_pretrained(path, dtype=dtype)
+        if isinstance(tokenizer, str) and tokenizer == _FROM_DIRECTORY:
+            tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        module = cls(lm, tokenizer=tokenizer, **kwargs)
+        module.checkpoint_dir = os.fspath(path)
+        return module
 
     # -- model parallelism ------------------------------------------------------------------------
     def _topology(self) -> tuple[Optional[RankTopology], str]:
@@ -274,7 +256,11 @@ class GenerationModule(L.LightningModule):
 
     # -- input checks -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Fails before the first batch when the loader's default collate_fn cannot batch the prompts."""
+        """Checks the prompts' loader before the first batch, and takes over a :class:`PromptDataset`'s tokenizer.
+
+        Every rank runs this alike, so a refusal here stops every rank before any of
+        them waits for another.
+        """
         if stage != "predict":
             return
         # NOTE: the loader given to trainer.predict, before Lightning iterates it. Lightning
@@ -284,6 +270,18 @@ class GenerationModule(L.LightningModule):
         loaders = getattr(source, "instance", None)
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
             dataset = getattr(loader, "dataset", None)
+            while isinstance(dataset, Subset):  # StreamingPredictionWriter.pending() wraps the dataset
+                dataset = dataset.dataset
+            encoder = getattr(dataset, "tokenizer", None)
+            if self.tokenizer is None and encoder is not None:
+                self.tokenizer = encoder  # the one that encoded the prompts decodes the outputs
+            wants_stop = bool(self.stop) or any(getattr(dataset, "stop", None) or ())
+            if wants_stop and self.tokenizer is None:
+                where = f"{self.checkpoint_dir} has no tokenizer" if self.checkpoint_dir else "there is no tokenizer"
+                raise ValueError(
+                    f"Stop strings are found in the decoded text, but {where}: pass GenerationModule(tokenizer=...) "
+                    "or PromptDataset(prompts, tokenizer)."
+                )
             collates = getattr(loader, "collate_fn", None) is default_collate
             if collates and isinstance(dataset, (PromptDataset, ScoreDataset)):
                 ragged = len({len(p) for p in dataset.prompts}) > 1
@@ -344,11 +342,24 @@ class GenerationModule(L.LightningModule):
             new = self.max_new_tokens if item.max_new_tokens is None else item.max_new_tokens
             if isinstance(new, bool) or not isinstance(new, int) or new < 1:
                 raise ValueError(f"{where} asks for max_new_tokens={new!r}: give an integer >= 1 (or None).")
+            if (item.stop or (item.stop is None and self.stop)) and self.tokenizer is None:
+                raise ValueError(
+                    f"{where} has stop strings, which are found in the decoded text, but the module has no "
+                    "tokenizer: pass GenerationModule(tokenizer=...) or PromptDataset(prompts, tokenizer)."
+                )
             if limit is not None and len(item.input_ids) + new > limit:
+                if self.truncate and limit - new >= 1:
+                    item.input_ids = item.input_ids[len(item.input_ids) + new - limit :]  # keep the last tokens
+                    continue
                 raise ValueError(
                     f"{where} has {len(item.input_ids)} tokens; with max_new_tokens={new} it would reach "
                     f"position {len(item.input_ids) + new}, past the model's max_position_embeddings={limit}. "
-                    "Shorten the prompt or lower max_new_tokens."
+                    + (
+                        "Lower max_new_tokens: it leaves no room for any prompt token."
+                        if self.truncate
+                        else "Shorten the prompt, lower max_new_tokens, or pass GenerationModule(truncate=True) "
+                        "to keep the prompt's last tokens."
+                    )
                 )
 
     def _check_ids(self, ids: torch.Tensor, where: str) -> None:
@@ -409,8 +420,8 @@ class GenerationModule(L.LightningModule):
         dataloader_idx: int = 0,
         *,
         stage: Optional[StageContext] = None,
-    ) -> Optional[Union[list[list[int]], list[list[float]]]]:
-        """Generated ids (``mode="generate"``) or continuation log-probabilities (``"score"``) per prompt.
+    ) -> Optional[list[Any]]:
+        """Per prompt: its generation (a text record with a tokenizer, else ids), or its scores (``"score"``).
 
         ``None`` on pipeline ranks other than the first, and with data-parallel
         attention or tensor parallelism on every rank but the first stage's first
@@ -438,12 +449,33 @@ class GenerationModule(L.LightningModule):
         topology, _ = self._topology()
         if topology is not None and topology.coords.tp != 0:
             return None  # tensor-parallel peers hold copies of rank 0's outputs
+        if outputs is not None and self.mode == "generate":
+            self.num_prompts_done += len(outputs)
+            self.num_tokens_generated += sum(len(o["token_ids"] if isinstance(o, dict) else o) for o in outputs)
         return outputs
+
+    def _stop_strings(self, item: PromptItem) -> Optional[StopStrings]:
+        if self.tokenizer is None:
+            return None
+        return StopStrings(self.tokenizer, self.stop if item.stop is None else item.stop)
 
     def _run(self, generator: PipelineGenerator, items: list[PromptItem]) -> Optional[list]:
         prompts = [item.input_ids for item in items]
         if self.mode == "score":
             return generator.score(prompts, [item.continuation for item in items])  # type: ignore[misc]
-        return generator.generate(
-            prompts, keys=[item.index for item in items], max_new_tokens=[item.max_new_tokens for item in items]
+        stoppers = [self._stop_strings(item) for item in items]
+        generated = generator.generate(
+            prompts,
+            keys=[item.index for item in items],
+            max_new_tokens=[item.max_new_tokens for item in items],
+            stop=[s.checker() if s is not None else None for s in stoppers],
         )
+        if generated is None or self.tokenizer is None:
+            return generated
+        # The text leaves out an EOS token that ended the sequence, whether or not the
+        # tokenizer marks it special; the ids keep it.
+        return [
+            {"text": stopper.finish(ids[:-1] if reason == "eos" else ids), "token_ids": ids, "finish_reason": reason}
+            for ids, reason, stopper in zip(generated, generator.finish_reasons, stoppers)
+            if stopper is not None
+        ]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union, cast
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -42,15 +42,10 @@ from torch import nn
 from lightning_pp.distributed.collectives import gather_tokens, scatter_tokens
 from lightning_pp.distributed.topology import ParallelGroup
 from lightning_pp.generation.kv_cache import KVCache, StepRows, host_to_device
-from lightning_pp.models.tp_block import (
-    ATTENTION_MODES,
-    BlockConfig,
-    BlockGroups,
-    ParallelAttention,
-    SwiGLUMLP,
-)
+from lightning_pp.models.config import DecoderConfig
+from lightning_pp.models.tp_block import ATTENTION_MODES, BlockGroups, SwiGLUMLP
 from lightning_pp.parallel.fused_allreduce import allreduce_add_rmsnorm
-from lightning_pp.parallel.layers import RMSNorm
+from lightning_pp.parallel.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear
 
 __all__ = [
     "DecoderConfig",
@@ -62,78 +57,6 @@ __all__ = [
     "attend",
     "shard_layers",
 ]
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """Sizes of a Llama-style decoder (the subset of a Hugging Face ``LlamaConfig`` used here)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: Optional[int] = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    eos_token_ids: tuple[int, ...] = ()
-    #: The most positions the model was trained for (``None``: not known, not checked).
-    max_position_embeddings: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        self.block_config()  # validates head counts
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {self.num_layers}.")
-
-    def block_config(self, attention_mode: str = "context") -> BlockConfig:
-        return BlockConfig(
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            ffn_hidden_size=self.intermediate_size,
-            num_kv_heads=self.num_kv_heads,
-            eps=self.rms_norm_eps,
-            attention_mode=attention_mode,
-        )
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "DecoderConfig":
-        """Reads a Hugging Face ``config.json`` dict; refuses features this decoder does not implement."""
-        model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json has model_type {model_type!r}; DecoderLM implements Llama-style decoders.")
-        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        unsupported = {
-            "attention_bias": bool(hf.get("attention_bias", False)),
-            "mlp_bias": bool(hf.get("mlp_bias", False)),
-            "head_dim != hidden_size / num_attention_heads": (
-                int(hf.get("head_dim") or hidden // heads) != hidden // heads
-            ),
-            "hidden_act other than silu": hf.get("hidden_act", "silu") != "silu",
-            "sliding_window": bool(hf.get("sliding_window")) and bool(hf.get("use_sliding_window", True)),
-        }
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        unsupported[f"rope type {rope_type!r}"] = rope_type != "default"
-        found = [name for name, present in unsupported.items() if present]
-        if found:
-            raise ValueError(f"config.json uses {', '.join(found)}, which DecoderLM does not implement.")
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-        return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            eos_token_ids=eos_ids,
-            max_position_embeddings=int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None,
-        )
 
 
 class RotaryEmbedding:
@@ -163,38 +86,73 @@ class RotaryEmbedding:
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class CachedAttention(ParallelAttention):
-    """:class:`ParallelAttention`'s projections, attending over each sequence's cached keys.
+class CachedAttention(nn.Module):
+    """Grouped-query attention over each sequence's cached keys, heads split over attention-TP.
 
-    The new keys and values of a forward go into the layer's :class:`KVCache`, then
-    one :func:`attend` call covers every sequence of the forward.
+    ``q/k/v_proj`` are column-parallel (with a bias in Qwen2), ``o_proj`` row-parallel;
+    the output is this rank's *partial* ``o_proj`` sum (the layer's fused all-reduce
+    adds the ranks). Qwen3 normalises each query and key head (``q_norm``, ``k_norm``)
+    before the rotary embedding. The new keys and values of a forward go into the
+    layer's :class:`KVCache`, then one :func:`attend` call covers every sequence of the
+    forward, reading at most ``window`` positions back when the layer slides.
     """
 
-    def __init__(self, config: BlockConfig, groups: BlockGroups, rotary: RotaryEmbedding) -> None:
-        super().__init__(config, groups)
-        if groups.cp.size != 1 and config.attention_mode != "data":
+    def __init__(
+        self,
+        config: DecoderConfig,
+        groups: BlockGroups,
+        rotary: RotaryEmbedding,
+        *,
+        attention_mode: str = "context",
+        window: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        tp = groups.attn_tp.size
+        heads, kv_heads, head_dim = config.num_heads, config.kv_heads, config.attn_head_dim
+        if heads % tp or kv_heads % tp:
+            raise ValueError(
+                f"{heads} query and {kv_heads} key/value heads do not split over {tp} attention-TP ranks: "
+                "choose a tp size that divides both."
+            )
+        if groups.cp.size != 1 and attention_mode != "data":
             raise ValueError(
                 f"DecoderLM keeps a whole sequence's cache on one rank, so its {groups.cp.size} cp ranks cannot split "
-                f"one sequence (attention_mode={config.attention_mode!r}): use attention_mode='data' (each cp rank "
+                f"one sequence (attention_mode={attention_mode!r}): use attention_mode='data' (each cp rank "
                 "runs its own sequences, data-parallel attention) or a cp size of 1."
             )
+        self.groups, self.head_dim, self.window = groups, head_dim, window
+        self.local_heads, self.local_kv_heads = heads // tp, kv_heads // tp
+        hidden, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = ColumnParallelLinear(hidden, heads * head_dim, groups.attn_tp, bias=bias)
+        self.k_proj = ColumnParallelLinear(hidden, kv_heads * head_dim, groups.attn_tp, bias=bias)
+        self.v_proj = ColumnParallelLinear(hidden, kv_heads * head_dim, groups.attn_tp, bias=bias)
+        self.o_proj = RowParallelLinear(heads * head_dim, hidden, groups.attn_tp, reduce_output=False)
+        # Added by attention-TP rank 0 only: the all-reduce after o_proj sums the ranks' partials.
+        self.o_bias = nn.Parameter(torch.zeros(hidden)) if config.o_bias else None
+        self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.rope = rotary
 
-    def forward(self, x: torch.Tensor, *, rows: StepRows, cache: KVCache) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, *, rows: StepRows, cache: KVCache) -> torch.Tensor:
         """This rank's partial ``o_proj`` output for the packed rows ``x``."""
-        n, head_dim = x.shape[0], self.config.head_dim
+        n, head_dim = x.shape[0], self.head_dim
         positions = rows.positions(x.device)
         # The angles depend on the rows only: every layer of the forward shares them.
         angles = rows.memo(("rope", id(self.rope), x.device, x.dtype), lambda: self.rope.angles(positions, x.dtype))
-        q = self.rope(self.q_proj(x).view(n, self.local_heads, head_dim), positions, angles)
-        k = self.rope(self.k_proj(x).view(n, self.local_kv_heads, head_dim), positions, angles)
+        q = self.q_proj(x).view(n, self.local_heads, head_dim)
+        k = self.k_proj(x).view(n, self.local_kv_heads, head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions, angles), self.rope(k, positions, angles)
         v = self.v_proj(x).view(n, self.local_kv_heads, head_dim)
-        if not rows.seq_ids:  # an idle forward: no rows, but o_proj's shape and the collectives after it
-            return self.o_proj(q.reshape(n, self.local_heads * head_dim))
-        cache.write(rows, k, v)
-        keys, values = cache.batch(rows.seq_ids, max(rows.ends))
-        out = attend(q, keys, values, rows)
-        return self.o_proj(out.reshape(n, self.local_heads * head_dim))
+        if rows.seq_ids:  # an idle forward has no rows, but o_proj's shape and the collectives after it
+            cache.write(rows, k, v)
+            keys, values = cache.batch(rows.seq_ids, max(rows.ends))
+            q = attend(q, keys, values, rows, window=self.window)
+        out = self.o_proj(q.reshape(n, self.local_heads * head_dim))
+        if self.o_bias is not None and self.groups.attn_tp.rank == 0:
+            out = out + self.o_bias
+        return out
 
 
 @dataclass(frozen=True)
@@ -218,35 +176,44 @@ class _AttentionLayout:
     causal: bool
 
 
-def _attention_layout(rows: StepRows, device: torch.device) -> _AttentionLayout:
+def _attention_layout(rows: StepRows, device: torch.device, window: Optional[int] = None) -> _AttentionLayout:
     num_new, start, ends = rows.num_new, rows.start, rows.ends
     max_new, max_len = max(num_new), max(ends)
     uniform = min(num_new) == max_new
+    # A window only hides keys once some query sits ``window`` or more positions in.
+    slides = window is not None and max_len > window
     padded_index = None
     if not uniform:
         counts = torch.tensor(num_new, dtype=torch.long)
         within = torch.arange(rows.num_rows) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         padded = torch.repeat_interleave(torch.arange(len(num_new)), counts) * max_new + within
         padded_index = host_to_device(padded, device)
-    if uniform and max(start) == 0:  # fresh sequences of one length: plain causal attention
+    if uniform and max(start) == 0 and not slides:  # fresh sequences of one length: plain causal attention
         return _AttentionLayout(max_new, max_len, None, None, causal=max_new > 1)
-    if uniform and max_new == 1 and min(ends) == max_len:  # one decode token each, equal lengths: no mask
+    if uniform and max_new == 1 and min(ends) == max_len and not slides:  # one decode token each, equal lengths
         return _AttentionLayout(max_new, max_len, None, None, causal=False)
-    # Query t of sequence i sits at position start_i + t and reads keys 0..start_i + t. A padding
-    # query (t >= num_new_i) reads key 0 only: a row with no key at all would be NaN.
+    # Query t of sequence i sits at position start_i + t and reads keys 0..start_i + t (the last
+    # ``window`` of them when the layer slides). A padding query (t >= num_new_i) reads key 0
+    # only: a row with no key at all would be NaN.
     t = torch.arange(max_new)
     q_pos = torch.tensor(start, dtype=torch.long)[:, None] + t[None, :]
     q_pos = torch.where(t[None, :] < torch.tensor(num_new)[:, None], q_pos, torch.zeros_like(q_pos))
-    mask = torch.arange(max_len)[None, None, :] <= q_pos[:, :, None]
+    k_pos = torch.arange(max_len)[None, None, :]
+    mask = k_pos <= q_pos[:, :, None]
+    if window is not None and slides:
+        mask &= k_pos > q_pos[:, :, None] - window
     return _AttentionLayout(max_new, max_len, padded_index, host_to_device(mask[:, None], device), causal=False)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: StepRows) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: StepRows, *, window: Optional[int] = None
+) -> torch.Tensor:
     """Causal attention of every sequence's new queries over its cached keys, in one SDPA call.
 
     ``out[r] = softmax(q[r] · K_i^T / sqrt(D)) V_i`` over keys ``0..p`` of the row's
     sequence ``i``, where ``p`` is the row's position: causal within the new rows, the
-    whole cached prefix, nothing of other sequences. Grouped-query attention: query
+    whole cached prefix, nothing of other sequences. With a sliding ``window`` only
+    keys ``p - window + 1 .. p`` (Mistral's and Hugging Face's convention). Grouped-query attention: query
     head ``h`` reads key/value head ``h // (H / Hkv)``.
 
     The packed queries are padded to the longest sequence's new rows (a view when
@@ -268,7 +235,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: Step
     num_seqs, (n, heads, head_dim) = len(rows.seq_ids), q.shape
     if num_seqs == 0:
         return q.new_zeros(0, heads, head_dim)
-    layout = rows.memo(("attention", q.device), lambda: _attention_layout(rows, q.device))
+    layout = rows.memo(("attention", q.device, window), lambda: _attention_layout(rows, q.device, window))
     kv_heads = keys.shape[1]
     keys, values = keys[:, :, : layout.max_len], values[:, :, : layout.max_len]
     if layout.max_new == 1 and heads != kv_heads:
@@ -312,15 +279,22 @@ class DecoderLayer(nn.Module):
         groups: the attention-TP, cp and MLP-TP groups.
         rotary: the rotary embedding (shared by the layers of a model).
         attention_mode: ``"context"`` (cp must then have one rank) or ``"data"``.
+        window: this layer's sliding window (``None``: full attention).
     """
 
     def __init__(
-        self, config: DecoderConfig, groups: BlockGroups, rotary: RotaryEmbedding, *, attention_mode: str = "context"
+        self,
+        config: DecoderConfig,
+        groups: BlockGroups,
+        rotary: RotaryEmbedding,
+        *,
+        attention_mode: str = "context",
+        window: Optional[int] = None,
     ) -> None:
         super().__init__()
         block = config.block_config(attention_mode)
         self.eps, self.groups, self.attention_mode = block.eps, groups, attention_mode
-        self.attn = CachedAttention(block, groups, rotary)
+        self.attn = CachedAttention(config, groups, rotary, attention_mode=attention_mode, window=window)
         self.post_attention_norm = RMSNorm(block.hidden_size, eps=block.eps)
         self.mlp = SwiGLUMLP(block, groups)
         self.output_norm = RMSNorm(block.hidden_size, eps=block.eps)
@@ -389,11 +363,14 @@ class DecoderLM(nn.Module):
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}.")
         self.config, self.attention_mode = config, attention_mode
         groups = groups or BlockGroups.single()
-        rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta)
+        rotary = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.Sequential(
-            *(DecoderLayer(config, groups, rotary, attention_mode=attention_mode) for _ in range(config.num_layers))
+            *(
+                DecoderLayer(config, groups, rotary, attention_mode=attention_mode, window=config.window_of(i))
+                for i in range(config.num_layers)
+            )
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -486,11 +463,14 @@ class DecoderLM(nn.Module):
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
-                raise ValueError(f"the checkpoint has no tensor {name!r}; is it a Llama-style model?")
+                raise ValueError(
+                    f"the checkpoint has no tensor {name!r}, which a {self.config.model_type} model with this "
+                    "config.json has: is config.json the one saved with these weights?"
+                )
             used.add(name)
             return state[name]
 
-        num_layers = self.config.num_layers
+        config, num_layers = self.config, self.config.num_layers
         self.embed_tokens.weight.copy_(take("embed_tokens.weight"))
         self.input_norm.weight.copy_(take("layers.0.input_layernorm.weight"))
         for i, layer in enumerate(self.layers):
@@ -498,6 +478,12 @@ class DecoderLM(nn.Module):
             # The fused layout: this layer ends with the next layer's input norm (the final norm last).
             nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < num_layers else "norm.weight"
             full = {f"attn.{n}": take(p + f"self_attn.{n}.weight") for n in _ATTN_PROJECTIONS}
+            if config.qkv_bias:
+                full.update({f"attn.{n}.bias": take(p + f"self_attn.{n}.bias") for n in _ATTN_PROJECTIONS[:3]})
+            if config.o_bias:
+                full["attn.o_bias"] = take(p + "self_attn.o_proj.bias")
+            if config.qk_norm:
+                full.update({f"attn.{n}": take(p + f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")})
             full.update({f"mlp.{n}": take(p + f"mlp.{n}.weight") for n in _MLP_PROJECTIONS})
             full["post_attention_norm"] = take(p + "post_attention_layernorm.weight")
             full["output_norm"] = take(nxt)
@@ -517,9 +503,18 @@ _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 @torch.no_grad()
 def _load_full_layer_(layer: DecoderLayer, full: dict[str, torch.Tensor]) -> None:
-    """Copies this rank's shards of one layer's full weights (keys ``attn.q_proj``, ..., ``output_norm``)."""
+    """Copies this rank's shards of one layer's full weights (keys ``attn.q_proj``, ..., ``output_norm``).
+
+    Optional keys, present exactly when the layer has the parameter: ``attn.q_proj.bias``
+    (and k, v), ``attn.o_bias``, ``attn.q_norm``, ``attn.k_norm``.
+    """
+    attn = layer.attn
     for name in _ATTN_PROJECTIONS:
-        getattr(layer.attn, name).load_full_weight_(full[f"attn.{name}"])
+        getattr(attn, name).load_full_weight_(full[f"attn.{name}"], *_optional(full, f"attn.{name}.bias"))
+    for name in ("o_bias", "q_norm", "k_norm"):
+        target = getattr(attn, name)
+        if target is not None:
+            (target if name == "o_bias" else target.weight).copy_(full[f"attn.{name}"])
     for name in _MLP_PROJECTIONS:
         getattr(layer.mlp, name).load_full_weight_(full[f"mlp.{name}"])
     layer.post_attention_norm.weight.copy_(full["post_attention_norm"])
@@ -534,12 +529,21 @@ def _full_weights(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
             f"layer {index} is {'already sharded' if isinstance(layer, DecoderLayer) else type(layer).__name__}: "
             "sharding takes the unsharded DecoderLayers of a model built (or loaded) without groups."
         )
-    return {
-        **{f"attn.{n}": getattr(layer.attn, n).weight for n in _ATTN_PROJECTIONS},
-        **{f"mlp.{n}": getattr(layer.mlp, n).weight for n in _MLP_PROJECTIONS},
-        "post_attention_norm": layer.post_attention_norm.weight,
-        "output_norm": layer.output_norm.weight,
-    }
+    attn = layer.attn
+    full = {f"attn.{n}": getattr(attn, n).weight for n in _ATTN_PROJECTIONS}
+    biases = {f"attn.{n}.bias": getattr(attn, n).bias for n in _ATTN_PROJECTIONS[:3]}
+    full.update({k: b for k, b in biases.items() if b is not None})
+    if attn.o_bias is not None:
+        full["attn.o_bias"] = attn.o_bias
+    full.update({f"attn.{n}": getattr(attn, n).weight for n in ("q_norm", "k_norm") if getattr(attn, n) is not None})
+    full.update({f"mlp.{n}": getattr(layer.mlp, n).weight for n in _MLP_PROJECTIONS})
+    full["post_attention_norm"] = layer.post_attention_norm.weight
+    full["output_norm"] = layer.output_norm.weight
+    return full
+
+
+def _optional(full: dict[str, torch.Tensor], key: str) -> tuple[torch.Tensor, ...]:
+    return (full[key],) if key in full else ()
 
 
 @torch.no_grad()
@@ -562,12 +566,12 @@ def shard_layers(
     Raises:
         ValueError: a layer is not a :class:`DecoderLayer`, or is already sharded.
     """
-    rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta)
+    rotary = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
     full_layers = [_full_weights(i, layer) for i, layer in enumerate(layers)]
     sharded = []
-    for full in full_layers:
+    for i, full in enumerate(full_layers):
         weight = full["attn.q_proj"]
-        layer = DecoderLayer(config, groups, rotary, attention_mode=attention_mode)
+        layer = DecoderLayer(config, groups, rotary, attention_mode=attention_mode, window=config.window_of(i))
         _load_full_layer_(layer.to(device=weight.device, dtype=weight.dtype), full)
         sharded.append(layer)
     return nn.Sequential(*sharded)

@@ -92,8 +92,8 @@ def test_logits_equal_transformers(tmp_path, overrides):
 
 def test_unsupported_configs_are_refused():
     base = _hf_config().to_dict()
-    with pytest.raises(ValueError, match="attention_bias"):
-        DecoderConfig.from_hf({**base, "attention_bias": True})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        DecoderConfig.from_hf({**base, "mlp_bias": True})
     with pytest.raises(ValueError, match="rope type"):
         DecoderConfig.from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
 
