@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Block", "LitLM", "TiedLM", "TokenData", "make_loader", "trainer_kwargs"]
+__all__ = ["Block", "LitLM", "TiedLM", "TokenData", "TokensOnly", "make_loader", "trainer_kwargs"]
 
 VOCAB, DIM = 32, 16
 
@@ -72,6 +72,19 @@ class TokenData(Dataset):
 
     def __getitem__(self, i):
         return self.tokens[i, :-1], self.tokens[i, 1:]
+
+
+class TokensOnly(Dataset):
+    """Inputs without labels (what predict reads): each item is a plain tensor."""
+
+    def __init__(self, num_items: int) -> None:
+        self.data = TokenData(num_items)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i][0]
 
 
 def varying_length_collate(items):

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_pp.integration.predict_stream import (
     PredictFeed,
@@ -27,7 +27,8 @@ from lightning_pp.pipeline.streaming import (
 )
 
 from blocking import RendezvousTransport
-from lit_models import LitLM, TokenData, make_loader, trainer_kwargs
+from compare import assert_same
+from lit_models import LitLM, TokensOnly, make_loader, trainer_kwargs
 from multirank import run_on_ranks
 
 
@@ -163,17 +164,6 @@ def test_overlapped_ring_completes_under_blocking_sends(pp_size):
 
 
 # -- models and data -----------------------------------------------------------------------------
-class TokensOnly(Dataset):
-    """Inputs without labels: each item is a plain tensor."""
-
-    def __init__(self, num_items: int) -> None:
-        self.data = TokenData(num_items)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i][0]
 
 
 class PredictLM(LitLM):
@@ -250,31 +240,14 @@ def _reference(name: str) -> dict:
     return _REFERENCES[name]
 
 
-def _assert_same(actual, expected) -> None:
-    assert type(actual) is type(expected)
-    if isinstance(expected, dict):
-        assert actual.keys() == expected.keys()
-        for key in expected:
-            _assert_same(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected)
-        for a, e in zip(actual, expected):
-            _assert_same(a, e)
-    elif isinstance(expected, torch.Tensor):
-        assert actual.shape == expected.shape and actual.dtype == expected.dtype
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    else:
-        assert actual == expected
-
-
 def _check_pipeline(results: list[dict], pp: int, runs: list) -> None:
     for key in runs:
         name, blocking = key
         ref = _reference(name)
         first = results[0][key]
-        _assert_same(first["predictions"], ref["predictions"])
+        assert_same(first["predictions"], ref["predictions"])
         # The writer saw each batch once, in order, with its dataset indices and output.
-        _assert_same(first["writes"], ref["writes"])
+        assert_same(first["writes"], ref["writes"])
         for rank in range(1, pp):
             assert results[rank][key]["writes"] == [], f"rank {rank} wrote predictions it does not hold"
         if blocking:
@@ -306,7 +279,7 @@ def test_two_replicas_of_two_stages_return_one_device_predictions():
     results = run_on_ranks(_pp_rank, 4, 2, runs, init_process_group=False, timeout=180)
     for key in runs:
         ref = _reference(key[0])
-        _assert_same(results[0][key]["predictions"], ref["predictions"])
+        assert_same(results[0][key]["predictions"], ref["predictions"])
         # Each replica's first stage (ranks 0 and 1: the pipeline axis is outermost) wrote
         # its own shard, each dataset row once over both.
         written = [i for rank in (0, 1) for _, indices, _ in results[rank][key]["writes"] for i in indices]

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_models import VOCAB, LitLM, TokenData, trainer_kwargs
+from compare import assert_same
+from lit_models import VOCAB, LitLM, TokenData, TokensOnly, trainer_kwargs
 from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -97,18 +98,11 @@ def _hooks_rank(rank: int, world_size: int) -> dict:
     return {name: _predict_with_hooks(name, world_size, PPStrategy(num_microbatches=3)) for name in HOOK_MODELS}
 
 
-def _assert_same_predictions(actual, expected) -> None:
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        assert a.shape == e.shape and a.dtype == e.dtype
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-
-
 def test_batch_hooks_run_once_per_batch_in_order_as_on_one_device():
     results = run_on_ranks(_hooks_rank, 2, init_process_group=False, timeout=150)
     for name in HOOK_MODELS:
         reference = _predict_with_hooks(name, 1, "auto")
-        _assert_same_predictions(results[0][name]["predictions"], reference["predictions"])
+        assert_same(results[0][name]["predictions"], reference["predictions"])
         hooks = [c for c in reference["calls"] if c[0] != "batch_end"]
         ends = [c for c in reference["calls"] if c[0] == "batch_end"]
         assert len(hooks) == 3 * (3 if name == "all-hooks" else 1)
@@ -121,15 +115,6 @@ def test_batch_hooks_run_once_per_batch_in_order_as_on_one_device():
 
 
 # -- non-tensor predictions with data parallelism -------------------------------------------------
-class TokensOnly(Dataset):
-    def __init__(self, num_items: int) -> None:
-        self.data = TokenData(num_items)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i][0]
 
 
 WORDS = ["cat", "dog", "eel", "fox", "gnu"]

@@ -8,8 +8,6 @@ shows that ``W`` computes no activation gradient again.
 
 from __future__ import annotations
 
-import gc
-import weakref
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import pytest
@@ -17,6 +15,8 @@ import torch
 from torch import nn
 
 from lightning_pp.pipeline.backward_split import SplitBackward, gradients_asked_for, graph_leaves
+
+from saved_tensors import SavedTensors
 
 DIM = 8
 
@@ -156,31 +156,8 @@ def test_a_stage_without_inputs_to_differentiate_runs_the_whole_backward_in_w():
     assert all(p.grad is not None for p in stage.parameters())
 
 
-class _SavedTensors:
-    def __init__(self) -> None:
-        self.held: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-    class _Held:
-        __slots__ = ("tensor", "__weakref__")
-
-        def __init__(self, tensor: torch.Tensor) -> None:
-            self.tensor = tensor
-
-    def hooks(self) -> Any:
-        def pack(tensor: torch.Tensor) -> Any:
-            held = _SavedTensors._Held(tensor.detach())  # not the tensor: an output would hold its own node
-            self.held.add(held)
-            return held
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor)
-
-    def alive(self) -> int:
-        gc.collect()
-        return len(self.held)
-
-
 def test_the_graph_lives_from_i_to_w_and_not_after():
-    saved = _SavedTensors()
+    saved = SavedTensors()
     torch.manual_seed(0)
     stage = STAGES["residual+layernorm"]()
     x = torch.randn(4, DIM, requires_grad=True)

@@ -14,6 +14,8 @@ from lightning_pp.integration.predict_stream import gather_replica_predictions
 from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
 from lightning_pp.pipeline.step_outputs import concat_outputs, is_row_list, join_rows, split_rows
 
+from compare import assert_same
+
 WORDS = ["cat", "dog", "eel", "fox", "gnu", "hen", "ibis"]
 
 
@@ -54,21 +56,8 @@ def _batch(num_rows: int, start: int = 0) -> torch.Tensor:
     return torch.arange(start, start + num_rows).unsqueeze(1).repeat(1, 3)
 
 
-def _assert_same(actual, expected):
-    assert type(actual) is type(expected)
-    if isinstance(expected, dict):
-        assert actual.keys() == expected.keys()
-        for key in expected:
-            _assert_same(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), (actual, expected)
-        for a, e in zip(actual, expected):
-            _assert_same(a, e)
-    elif isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-    else:
-        assert actual == expected
+def assert_same_exactly(actual, expected):
+    assert_same(actual, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda f: f.__name__)
@@ -77,7 +66,7 @@ def test_microbatch_outputs_join_into_the_one_device_output(step, num_rows, num_
     batch = _batch(num_rows)
     parts = split_microbatches(batch, num_microbatches)
     joined = concat_outputs([step(part) for part in parts], [batch_rows(part) for part in parts])
-    _assert_same(joined, step(batch))
+    assert_same_exactly(joined, step(batch))
 
 
 def test_per_row_lists_are_not_transposed_and_uneven_lists_join():
@@ -127,7 +116,7 @@ def test_replica_batches_regroup_into_the_one_device_batches(step, num_items, dp
     replicas = [([step(rows[indices]) for indices in batches], batches) for batches in dealt]
     merged = gather_replica_predictions(replicas, batch_size)
     expected = [step(rows[j : j + batch_size]) for j in range(0, num_items, batch_size)]
-    _assert_same(merged, expected)
+    assert_same_exactly(merged, expected)
 
 
 def test_regrouping_fails_with_the_fix_when_rows_cannot_be_regrouped():
@@ -149,4 +138,4 @@ def test_regrouping_fails_with_the_fix_when_rows_cannot_be_regrouped():
 def test_split_take_and_join_rows_round_trip():
     output = mixed(_batch(3))
     (part,) = split_rows([output], [3])
-    _assert_same(join_rows([part.take(0, 1), part.take(1, 3)]), output)
+    assert_same_exactly(join_rows([part.take(0, 1), part.take(1, 3)]), output)

@@ -11,8 +11,6 @@ step around the pipelined Sequential (a scale before it, a head after it), so a
 
 from __future__ import annotations
 
-import gc
-import weakref
 from typing import Any
 
 import pytest
@@ -27,6 +25,7 @@ from lightning_pp.pipeline.schedules import build_schedule, peak_live_activation
 
 from blocking import RendezvousTransport
 from multirank import run_on_ranks
+from saved_tensors import SavedTensors
 
 pytestmark = pytest.mark.slow
 
@@ -81,37 +80,12 @@ def _loss(x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor, call: Any, head: 
     return ((call(x * pre) @ head - y) ** 2).mean()
 
 
-class _SavedTensors:
-    """Counts the tensors autograd graphs hold for backward, alive right now."""
-
-    class _Held:
-        __slots__ = ("tensor", "__weakref__")
-
-        def __init__(self, tensor: torch.Tensor) -> None:
-            self.tensor = tensor
-
-    def __init__(self) -> None:
-        self.held: "weakref.WeakSet[_SavedTensors._Held]" = weakref.WeakSet()
-
-    def hooks(self) -> Any:
-        def pack(tensor: torch.Tensor) -> Any:
-            held = _SavedTensors._Held(tensor.detach())  # not the tensor: an output would hold its own node
-            self.held.add(held)
-            return held
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor)
-
-    def alive(self) -> int:
-        gc.collect()
-        return len(self.held)
-
-
 class _PeakSampler:
     """Stands in for the executor's trace recorder: counts the saved tensors alive after every action."""
 
     active = True
 
-    def __init__(self, saved: _SavedTensors) -> None:
+    def __init__(self, saved: SavedTensors) -> None:
         self.saved, self.peak = saved, 0
 
     def now(self) -> float:
@@ -136,7 +110,7 @@ def _rank(rank: int, world: int, m: int, blocking: bool) -> dict:
         _Scale.calls.clear()
         schedule = build_schedule(name, world, m)
         executor = PipelineExecutor({rank: stage}, schedule, rank, comm)
-        saved = _SavedTensors()
+        saved = SavedTensors()
         sampler = _PeakSampler(saved)
         executor.tracer = sampler  # type: ignore[assignment]
 
