@@ -4,6 +4,7 @@
     python benchmarks/bench_generate.py throughput --devices 2
     python benchmarks/bench_generate.py vs-transformers
     python benchmarks/bench_generate.py chunks
+    python benchmarks/bench_generate.py continuous [--prompts 64 --running 16]
 
 ``vs-transformers``: one process, one intra-op thread, the same random 8-layer
 Llama-style model (width ``--width``, 8 heads over 4 key/value heads, vocabulary
@@ -25,11 +26,27 @@ chunk's measured latency (median of ``--repeats`` prefills), fixed 256-token
 chunks vs predictor-sized chunks (first chunk 256), reported as max/min and
 coefficient of variation. The predictor profiles chunks of 64-512 tokens after
 cached prefixes of 0, 512 and 1024 tokens and fits ``a·n·(p + n) + b·n + c``.
+``continuous``: ``--prompts`` prompts of 16-64 tokens whose ``max_new_tokens``
+spread evenly over 8..256 (shuffled, no EOS), the 8-layer width-256 decoder, one
+thread per process; the same ``--running`` sequences in flight both ways:
+DataLoader batches of ``--running`` prompts, each running until its longest
+continuation ends, against one window of all prompts with
+``GenerationModule(max_running=--running)``, where a finished sequence's place
+goes to the next prompt at once. Generated tokens per second of each (the first
+of two calls, on two prompts, is a warm-up), the forwards each launched, both
+ratios, whether the outputs are identical, and the load average (the machine may
+be shared). On a CPU a forward's cost grows with its rows almost as fast as the
+rows (the weights stay in cache), so tokens per second gain less than the
+forwards fall; where a decode forward costs about the same whatever its rows
+(bound by reading the weights, as on a GPU) tokens per second would follow the
+forwards' ratio instead (not measured here: no GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import statistics
 import time
 
@@ -178,6 +195,46 @@ def vs_transformers(width: int) -> None:
                   f"= {step / 8 * 1e3:6.2f} ms per generated token")
 
 
+def _timed_predict(model: GenerationModule, data: PromptDataset, batch_size: int, devices: int):
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_prompts)
+    timer = _BatchTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=PPStrategy() if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[timer])
+    out = trainer.predict(model, loader)
+    return (None if trainer.global_rank else [seq for b in out for seq in b]), timer.seconds, model.num_forwards
+
+
+def continuous(num_prompts: int, running: int, devices: int) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (16 + (48 * i) // max(num_prompts - 1, 1),), generator=g).tolist()
+               for i in range(num_prompts)]
+    limits = [8 + (248 * i) // max(num_prompts - 1, 1) for i in range(num_prompts)]  # 8 .. 256
+    random.Random(0).shuffle(limits)
+    data = PromptDataset(prompts, max_new_tokens=limits)
+    load = os.getloadavg()
+    results = {}
+    for name, batch_size, cap in (("whole batches", running, None), ("continuous", num_prompts, running)):
+        model = GenerationModule(_model(), max_new_tokens=256, eos_token_ids=(), max_running=cap)
+        _timed_predict(model, PromptDataset(prompts[:2], max_new_tokens=[4, 4]), 2, devices)  # warm-up
+        model.num_forwards = 0
+        results[name] = _timed_predict(model, data, batch_size, devices)
+    if results["continuous"][0] is None:
+        return  # not rank 0
+    tokens = sum(limits)
+    (plain, plain_s, plain_n), (ours, ours_s, ours_n) = results["whole batches"], results["continuous"]
+    print(f"{num_prompts} prompts of 16-64 tokens, max_new_tokens 8-256 (mean {tokens / num_prompts:.0f}), "
+          f"{running} sequences in flight, pp={devices}, 1 thread per process; load average before "
+          f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    for name, seconds, forwards in ((f"whole batches of {running}", plain_s, plain_n),
+                                    (f"max_running={running}", ours_s, ours_n)):
+        print(f"{name:>20}: {tokens / seconds:8.1f} tokens/s ({seconds:.2f} s), {forwards} forwards, "
+              f"{tokens / forwards:.1f} tokens per forward")
+    print(f"ratio continuous / whole batches: {plain_s / ours_s:.2f} in tokens/s, {plain_n / ours_n:.2f} in forwards; "
+          f"identical outputs: {sum(a == b for a, b in zip(plain, ours))}/{num_prompts}")
+
+
 def _chunk_latencies(lm: DecoderLM, prompt: torch.Tensor, planner: ChunkPlanner) -> list[tuple[int, float]]:
     caches = [KVCache() for _ in lm.layers]
     done, out = 0, []
@@ -217,13 +274,17 @@ def chunks(repeats: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["throughput", "vs-transformers", "chunks"])
+    parser.add_argument("what", choices=["throughput", "vs-transformers", "chunks", "continuous"])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="prefills per chunk plan (chunks)")
     parser.add_argument("--width", type=int, default=256, help="hidden size (vs-transformers)")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts (continuous)")
+    parser.add_argument("--running", type=int, default=16, help="sequences in flight (continuous)")
     args = parser.parse_args()
     if args.what == "throughput":
         throughput(args.devices)
+    elif args.what == "continuous":
+        continuous(args.prompts, args.running, args.devices)
     elif args.what == "vs-transformers":
         vs_transformers(args.width)
     else:

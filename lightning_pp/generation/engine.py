@@ -2,7 +2,9 @@
 
 The sequences of a batch are dealt into ``M`` *slots* (microbatches); each
 forward of a slot advances all of its live sequences by one step: a prefill
-chunk of a prompt, or one decode token. Forwards are numbered as one stream
+chunk of a prompt, or one decode token. With ``max_running`` set, only that many
+are in flight and a finished sequence's place goes to the next waiting prompt
+(continuous batching, :mod:`lightning_pp.generation.scheduler`). Forwards are numbered as one stream
 ``g = 0, 1, 2, ...`` with ``g = step * M + slot`` and run on a
 :class:`~lightning_pp.pipeline.streaming.StreamingPipeline`: stage ``s`` forwards ``g``
 at tick ``g + s``, and the sampled tokens of ``g`` go from the last stage back
@@ -19,8 +21,9 @@ in time for its next step, so the pipeline never idles while sequences remain.
 
 Every stage keeps the KV cache of its own layers, per sequence. A stage learns
 which sequences left a slot from the slot's next header (they are missing) and
-frees their cache; when a slot has no live sequences left the first stage sends
-a *sentinel* through it instead. Each stage decides whether forward ``g``
+frees their cache, or hands it to the prompts admitted in their place; when
+a slot has no live sequences left the first stage sends a *sentinel* through it
+instead. Each stage decides whether forward ``g``
 exists from what it has itself seen of slot ``g % M`` (its sentinel, if any),
 so all stages agree without any extra message.
 
@@ -71,28 +74,26 @@ a tick's compute, which every rank of a stage runs for the same ``g``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from lightning_pp.distributed.p2p import PipeComm
-from lightning_pp.distributed.topology import ParallelGroup
-from lightning_pp.generation.chunking import (
-    ChunkPlanner,
-    LatencyModel,
-    fit_latency,
-    profile_grid,
-    profile_latency,
-    share_latency_model,
-)
+from lightning_pp.generation.chunking import ChunkPlanner
 from lightning_pp.generation.kv_cache import KVCache, StepRows, host_to_device
+from lightning_pp.generation.profiler import init_chunk_planner
 from lightning_pp.generation.sampling import SamplingParams, sample_tokens
+from lightning_pp.generation.scheduler import (
+    SequenceState,
+    SlotMembers,
+    SlotScheduler,
+    check_max_running,
+    plan_forward,
+)
+from lightning_pp.generation.stage import StageContext, StageParts, resolve_input_ids
 from lightning_pp.parallel.dp_attention import gather_batch_info
 from lightning_pp.pipeline.streaming import StreamingPipeline
-from lightning_pp.platform import Platform, current_platform
+from lightning_pp.platform import current_platform
 
 __all__ = [
     "PipelineGenerator",
@@ -101,65 +102,6 @@ __all__ = [
     "init_chunk_planner",
     "resolve_input_ids",
 ]
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What a pipeline rank needs to take part in generation (built by the strategy).
-
-    Attributes:
-        pp_rank: position in the pipeline.
-        pp_size: number of stages.
-        comm: point-to-point channel (``None`` with one stage).
-        device: this rank's device.
-        platform: its device facts.
-        control_group: a CPU-backend group over the pipeline, for the predictor broadcast.
-        first_stage_rank: global rank of pipeline rank 0.
-        attn_dp_group: the attention-DP group (the mesh's ``cp`` group with
-            ``attention_mode="data"``): the ranks of this stage that run their own
-            sequences through layers sharing one MLP. ``None`` (or a group of one):
-            no data-parallel attention.
-        attn_tp_size: attention tensor-parallel size, for the row-count exchange.
-        num_microbatches: the microbatches the strategy was asked for
-            (``PPStrategy(num_microbatches=...)``), ``None`` when not set.
-    """
-
-    pp_rank: int = 0
-    pp_size: int = 1
-    comm: Optional[PipeComm] = None
-    device: torch.device = torch.device("cpu")
-    platform: Optional[Platform] = None
-    control_group: Optional[dist.ProcessGroup] = None
-    first_stage_rank: int = 0
-    attn_dp_group: Optional[ParallelGroup] = None
-    attn_tp_size: int = 1
-    num_microbatches: Optional[int] = None
-
-    @property
-    def attn_dp_size(self) -> int:
-        """Ranks of the attention-DP group (1 without data-parallel attention)."""
-        return self.attn_dp_group.size if self.attn_dp_group is not None else 1
-
-
-@dataclass
-class StageParts:
-    """The model pieces one stage runs: ``embed`` on the first, ``head`` on the last."""
-
-    layers: list[nn.Module]
-    embed: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
-    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    vocab_size: int = 0
-
-
-def resolve_input_ids(host_ids: Optional[torch.Tensor], device: torch.device, platform: Platform) -> torch.Tensor:
-    """Copies a launching forward's token ids from the host to ``device``.
-
-    The one place ids cross to the device: real launches and the profiler both
-    call it, so neither can run on ids a deferred copy has not produced yet.
-    """
-    if host_ids is None:
-        raise RuntimeError("token ids of a launching forward are missing (deferred host-to-device copy not resolved).")
-    return platform.to_device(host_ids, device)
 
 
 @dataclass(frozen=True)
@@ -202,33 +144,6 @@ class _Header:
         return StepRows(self.seq_ids, self.num_new, self.start, dp_num_rows=self.dp_rows or None)
 
 
-@dataclass
-class _Sequence:
-    """One prompt (with, when scoring, its continuation) and what came back for it."""
-
-    seq_id: int
-    tokens: torch.Tensor  # host, pinned where useful: the prompt, then the continuation when scoring
-    key: int  # its random stream: the prompt's dataset index
-    max_new_tokens: int
-    score_from: int = 0  # scoring: the continuation's first position (0: generating)
-    stop: Optional[Callable[[list[int]], bool]] = None  # a stop-string test on the continuation so far
-    consumed: int = 0
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    done: bool = False
-    finish_reason: str = ""
-
-    def scored_positions(self, start: int, num_new: int) -> tuple[int, int]:
-        """Scoring: the rows ``[lo, hi)`` (positions) of a forward whose logits predict a continuation token.
-
-        The logits at position ``p`` predict token ``p + 1``, so the continuation
-        ``score_from .. total - 1`` is predicted by positions ``score_from - 1 .. total - 2``.
-        """
-        lo = max(start, self.score_from - 1)
-        hi = min(start + num_new, self.tokens.numel() - 1)
-        return lo, max(lo, hi)
-
-
 class PipelineGenerator:
     """One rank's part of KV-cached generation or scoring (see the module docstring).
 
@@ -240,6 +155,10 @@ class PipelineGenerator:
         planner: prefill chunk sizes; ``None`` prefills a prompt in one forward.
         num_microbatches: slots in flight; at least ``pp_size`` (the default).
         sampling: how the last stage picks tokens; ``None``: greedy.
+        max_running: the most sequences in flight at once (continuous batching,
+            :mod:`lightning_pp.generation.scheduler`): a finished sequence's lane takes
+            the next waiting prompt. ``None``: every prompt starts at once. At least
+            ``num_microbatches``.
     """
 
     def __init__(
@@ -252,6 +171,7 @@ class PipelineGenerator:
         planner: Optional[ChunkPlanner] = None,
         num_microbatches: Optional[int] = None,
         sampling: Optional[SamplingParams] = None,
+        max_running: Optional[int] = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
@@ -261,6 +181,8 @@ class PipelineGenerator:
                 f"num_microbatches={self.num_slots} is fewer than the {stage.pp_size} stages: a slot's tokens would "
                 "not be back on the first stage in time for its next step. Use at least pp_size microbatches."
             )
+        check_max_running(max_running, self.num_slots)  # here, before any rank waits for another
+        self.max_running = max_running
         self.parts, self.stage = parts, stage
         self.platform = stage.platform or current_platform()
         self.max_new_tokens = max_new_tokens
@@ -277,6 +199,9 @@ class PipelineGenerator:
         #: On the first stage, why each prompt of the last :meth:`generate` ended:
         #: ``"eos"``, ``"stop"`` or ``"length"`` (see :mod:`lightning_pp.generation.text`).
         self.finish_reasons: list[str] = []
+        #: On the first stage, all calls so far: prompts admitted into a finished sequence's
+        #: lane (continuous batching), and forwards launched (sentinels left out).
+        self.num_admitted = self.num_forwards = 0
 
     # -- driver -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -318,7 +243,7 @@ class PipelineGenerator:
             limit = self.max_new_tokens if limit is None else int(limit)
             if limit < 1:
                 raise ValueError(f"prompt {i} asks for max_new_tokens={limit}: it must be at least 1.")
-            seqs.append(_Sequence(i, self._host(prompt), self._key(keys, i), limit, stop=stops[i]))
+            seqs.append(SequenceState(i, self._host(prompt), self._key(keys, i), limit, stop=stops[i]))
         self._run(seqs, scoring=False)
         self.finish_reasons = [s.finish_reason for s in seqs] if self.first else []
         return [s.generated for s in seqs] if self.first else None
@@ -346,7 +271,7 @@ class PipelineGenerator:
             if tail.numel() == 0:
                 raise ValueError(f"continuation {i} is empty: give each prompt at least one token to score.")
             tokens = self.platform.pin(torch.cat([head, tail]))
-            seqs.append(_Sequence(i, tokens, i, 1, score_from=head.numel()))
+            seqs.append(SequenceState(i, tokens, i, 1, score_from=head.numel()))
         self._run(seqs, scoring=True)
         return [s.logprobs for s in seqs] if self.first else None
 
@@ -357,21 +282,21 @@ class PipelineGenerator:
     def _key(keys: Optional[Sequence[int]], i: int) -> int:
         return i if keys is None else int(keys[i])
 
-    def _run(self, seqs: list[_Sequence], *, scoring: bool) -> None:
+    def _run(self, seqs: list[SequenceState], *, scoring: bool) -> None:
         m = self.num_slots
         for s in seqs:
             if s.tokens.numel() == 0:
                 raise ValueError(f"prompt {s.seq_id} is empty: every sequence needs at least one token.")
         self._scoring = scoring
         self._by_id = {s.seq_id: s for s in seqs}
-        self._slots = [seqs[j::m] for j in range(m)]  # round-robin: long and short prompts mix
+        self._scheduler = SlotScheduler(seqs, m, self.max_running)  # decides on the first stage only
         self._caches = [KVCache() for _ in self.parts.layers]
-        self._slot_members: dict[int, tuple[int, ...]] = {}
+        self._members = SlotMembers()
         self._closed_at: dict[int, int] = {}
         self._awaiting: set[int] = set()
         # First stage: what each forward in flight carried, by forward index (the result
         # that comes back holds only tokens or log-probabilities, in this order).
-        self._launched: dict[int, tuple[int, list[_Sequence], list[int]]] = {}
+        self._launched: dict[int, tuple[int, list[SequenceState], tuple[int, ...]]] = {}
         pipe = StreamingPipeline(
             self._stage_fn,  # type: ignore[arg-type]
             self.stage.pp_rank,
@@ -391,6 +316,7 @@ class PipelineGenerator:
         finally:
             pipe.close()
             self._caches = []
+            self.num_admitted += self._scheduler.num_admitted
 
     def _exists(self, g: int) -> bool:
         closed = self._closed_at.get(g % self.num_slots)
@@ -401,32 +327,14 @@ class PipelineGenerator:
         slot = g % self.num_slots
         if slot in self._awaiting:
             raise RuntimeError(f"slot {slot} launched before the tokens of its previous step came back.")
-        live = [s for s in self._slots[slot] if not s.done]
-        host_ids, num_new, start, sample, scored = [], [], [], [], []
-        for s in live:
-            total = s.tokens.numel()
-            if s.consumed < total:  # prefill, maybe one chunk of it
-                n = total - s.consumed
-                if self.planner is not None:
-                    n = self.planner.next_chunk(s.consumed, n)
-                host_ids.append(s.tokens[s.consumed : s.consumed + n])
-                start.append(s.consumed)
-                s.consumed += n
-                sample.append(int(s.consumed == total and not self._scoring))
-            else:  # decode the last sampled token
-                host_ids.append(torch.tensor([s.generated[-1]], dtype=torch.long))
-                start.append(total + len(s.generated) - 1)
-                n = 1
-                sample.append(1)
-            num_new.append(n)
-            lo, hi = s.scored_positions(start[-1], n) if self._scoring else (0, 0)
-            scored.append(hi - lo)
+        live = self._scheduler.admit(slot)
+        plan = plan_forward(live, self.planner, scoring=self._scoring)
         dp_rows: tuple[int, ...] = ()
         if self._attn_dp is not None:
             # One exchange per forward, on the first stage only: later stages read the
             # counts from the header. Padding to attention-TP multiples is not needed
             # (no reduce-scatter here), so only the counts and the decisions are used.
-            info = gather_batch_info(sum(num_new), dp_group=self._attn_dp, attn_tp_size=self.stage.attn_tp_size)
+            info = gather_batch_info(sum(plan.num_new), dp_group=self._attn_dp, attn_tp_size=self.stage.attn_tp_size)
             dp_rows = info.global_num_tokens
             if not info.should_run:  # every rank's slot is empty: it closes everywhere at this g
                 return self._forward(_Header(slot, g, True, dp_rows=dp_rows), None, None)
@@ -434,11 +342,11 @@ class PipelineGenerator:
             return self._forward(_Header(slot, g, True), None, None)
         # With no live sequences here but rows on a peer: an idle forward (zero rows).
         self._awaiting.add(slot)
-        self._launched[g] = (slot, live, scored)
+        self.num_forwards += 1
+        self._launched[g] = (slot, live, plan.scored)
         seq_ids = tuple(s.seq_id for s in live)
-        header = _Header(slot, g, False, seq_ids, tuple(num_new), tuple(start), tuple(sample), dp_rows)
-        ids = torch.cat(host_ids) if host_ids else torch.zeros(0, dtype=torch.long)
-        return self._forward(header, None, self.platform.pin(ids))
+        header = _Header(slot, g, False, seq_ids, plan.num_new, plan.start, plan.sample, dp_rows)
+        return self._forward(header, None, self.platform.pin(plan.host_ids))
 
     def _on_result(self, g: int, result: dict) -> None:
         launched = self._launched.pop(g, None)
@@ -449,21 +357,12 @@ class PipelineGenerator:
         if self._scoring:
             values, offset = result["logprobs"].tolist(), 0
             for s, count in zip(live, scored):
-                s.logprobs.extend(values[offset : offset + count])
+                s.take_logprobs(values[offset : offset + count])
                 offset += count
-                s.done = s.consumed == s.tokens.numel()
             return
         for s, token in zip(live, result["tokens"].tolist()):
-            if token < 0:
-                continue  # a prefill chunk before the prompt's last: nothing sampled
-            s.generated.append(token)
-            if token in self.eos:
-                s.finish_reason = "eos"
-            elif s.stop is not None and s.stop(s.generated):
-                s.finish_reason = "stop"
-            elif len(s.generated) >= s.max_new_tokens:
-                s.finish_reason = "length"
-            s.done = bool(s.finish_reason)
+            if token >= 0:  # -1: a prefill chunk before the prompt's last, nothing sampled
+                s.take_token(token, self.eos)
 
     # -- every stage ------------------------------------------------------------------------------
     def _stage_fn(self, payload: dict) -> dict:
@@ -486,12 +385,12 @@ class PipelineGenerator:
         which built ``header`` itself and launches ``host_ids``).
         """
         slot, seq_ids = header.slot, header.seq_ids
-        previous = self._slot_members.get(slot, ())
-        gone = [i for i in previous if i not in seq_ids]
-        if gone:
-            for cache in self._caches:  # sequences that left the slot (EOS, length) free their cache here
-                cache.free(gone)
-        self._slot_members[slot] = seq_ids
+        handovers, freed = self._members.update(slot, seq_ids)
+        for cache in self._caches:  # sequences that left the slot (EOS, stop, length) free their cache here,
+            for old, new in handovers:  # or hand their row to the prompt admitted into their lane
+                cache.replace(old, new)
+            if freed:
+                cache.free(freed)
         if header.sentinel:
             self._closed_at[slot] = header.g
             if self.last:
@@ -571,96 +470,3 @@ class PipelineGenerator:
 
 #: Rows of logits scored at once (bounds the ``[rows, vocab]`` fp32 matrix of a long continuation).
 _SCORE_BLOCK = 1024
-
-
-# -- latency predictor -----------------------------------------------------------------------------
-def init_chunk_planner(
-    parts: StageParts,
-    stage: StageContext,
-    *,
-    first_chunk: int,
-    profile_sizes: Optional[Sequence[int]] = None,
-    profile_prefixes: Optional[Sequence[int]] = None,
-    align: int = 1,
-) -> tuple[ChunkPlanner, Optional[str]]:
-    """Profiles the first stage, fits the latency model, and shares it with every stage.
-
-    All stages must call this together. Returns the planner and, if the predictor
-    could not be used, why (every stage then falls back to fixed chunks of ``first_chunk``).
-
-    Args:
-        parts: this stage's pieces (the first stage's are profiled).
-        stage: the rank's pipeline position and channels.
-        first_chunk: the first chunk of every prompt, and the fixed chunk of the fallback.
-        profile_sizes: chunk lengths to time (default ``first_chunk / 2`` to ``4 first_chunk``).
-        profile_prefixes: cached prefixes to time them after (default ``0``,
-            ``2 first_chunk`` and ``4 first_chunk``); see :mod:`lightning_pp.generation.chunking`.
-        align: chunk lengths after the first are multiples of it.
-
-    With data-parallel attention the first stages of all attention-DP ranks
-    profile together (their layers share collectives), and the fit of attention-DP
-    rank 0 is then shared over the group, so every rank plans the same chunks.
-    """
-    model: Optional[LatencyModel] = None
-    reason: Optional[str] = None
-    if stage.pp_rank == 0:
-        sizes = list(profile_sizes or range(first_chunk // 2 or 1, 4 * first_chunk + 1, max(first_chunk // 2, 1)))
-        prefixes = list(profile_prefixes if profile_prefixes is not None else (0, 2 * first_chunk, 4 * first_chunk))
-        try:
-            profiler = _ChunkProfiler(parts, stage, prefill_chunk=first_chunk)
-            points = profile_grid(sizes, prefixes)
-            ps, ns, ys = profile_latency(profiler.run, points, setup=profiler.setup, device=stage.device)
-            model = fit_latency(ns, ys, prefixes=ps)
-        except (ValueError, RuntimeError) as error:  # a failed profile falls back; it must not stop the stage
-            reason = f"{type(error).__name__}: {error}"
-    group = stage.control_group if stage.pp_size > 1 else None
-    model = share_latency_model(model, src=stage.first_stage_rank, group=group)
-    dp = stage.attn_dp_group
-    if dp is not None and dp.size > 1:
-        model = share_latency_model(model, src=dp.global_rank_of(0), group=dp.cpu_group)
-    # The shared outcome decides: a rank whose own fit failed may still get one.
-    reason = None if model is not None else reason or "the first stage's profile failed"
-    return ChunkPlanner(first_chunk, model, align=align), reason
-
-
-class _ChunkProfiler:
-    """Runs the first stage on one chunk of ``n`` tokens after a cached prefix of ``p``.
-
-    ``setup(p, n)`` (untimed) puts a cache holding ``p`` tokens in place: it is
-    prefilled once per prefix, in chunks of ``prefill_chunk`` as generation would
-    (one forward over a long prefix would build a ``p x p`` score matrix), and
-    truncated back to ``p`` tokens before every timed chunk, which would otherwise
-    leave its keys behind. ``run(p, n)`` goes through the launch path: host ids resolved
-    by :func:`resolve_input_ids` (the seed's profiler saw ``None`` ids).
-    """
-
-    def __init__(self, parts: StageParts, stage: StageContext, *, prefill_chunk: int) -> None:
-        self.parts, self.stage = parts, stage
-        self.platform = stage.platform or current_platform()
-        self.vocab = max(parts.vocab_size, 1)
-        self.prefill_chunk = max(prefill_chunk, 1)
-        self._prefix = -1
-        self._caches: list[KVCache] = []
-
-    @torch.no_grad()
-    def _forward(self, start: int, n: int) -> None:
-        host_ids = self.platform.pin(torch.arange(start, start + n, dtype=torch.long) % self.vocab)
-        ids = resolve_input_ids(host_ids, self.stage.device, self.platform)
-        hidden, residual = self.parts.embed(ids)  # type: ignore[misc]
-        # With data-parallel attention every attention-DP rank profiles the same points together.
-        dp_rows = (n,) * self.stage.attn_dp_size if self.stage.attn_dp_size > 1 else None
-        rows = StepRows((0,), (n,), (start,), dp_num_rows=dp_rows)
-        for layer, cache in zip(self.parts.layers, self._caches):
-            hidden, residual = layer(hidden, residual, rows=rows, cache=cache)
-
-    def setup(self, prefix: int, n: int) -> None:
-        if prefix != self._prefix:
-            self._caches = [KVCache() for _ in self.parts.layers]
-            for start in range(0, prefix, self.prefill_chunk):
-                self._forward(start, min(self.prefill_chunk, prefix - start))
-            self._prefix = prefix
-        for cache in self._caches:
-            cache.truncate(0, prefix)  # forget the last timed chunk: positions past the prefix are rewritten
-
-    def run(self, prefix: int, n: int) -> None:
-        self._forward(prefix, n)

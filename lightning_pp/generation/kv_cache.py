@@ -21,6 +21,7 @@ padded batch; freed rows are reused, and the slab is released when every row is 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,7 +29,7 @@ import torch
 
 from lightning_pp.platform import platform_for
 
-__all__ = ["KVCache", "StepRows", "host_to_device"]
+__all__ = ["DecodeSplit", "KVCache", "StepRows", "host_to_device"]
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -108,6 +109,38 @@ class StepRows:
 
         return self.memo(("sequence_index", device), build)
 
+    def decode_split(self, device: torch.device) -> Optional["DecodeSplit"]:
+        """How to attend a forward mixing one-token decode steps and multi-row prefills without padding.
+
+        ``None`` unless the forward mixes them: some sequences bring one row and
+        others several. Padding every decode row to the longest prefill, as one
+        padded batch does, multiplies the decode rows' attention by the prefill's
+        length, and continuous batching mixes them in most forwards (a prompt
+        admitted beside the others' decode steps).
+        """
+        return self.memo(("decode_split", device), lambda: self._decode_split(device))
+
+    def _decode_split(self, device: torch.device) -> Optional["DecodeSplit"]:
+        if not self.num_new or max(self.num_new) == 1 or min(self.num_new) > 1:
+            return None
+        last = list(itertools.accumulate(self.num_new))  # one past each sequence's last packed row
+        decode = [i for i, n in enumerate(self.num_new) if n == 1]
+        prefill = [i for i, n in enumerate(self.num_new) if n > 1]
+        prefill_rows = [r for i in prefill for r in range(last[i] - self.num_new[i], last[i])]
+        return DecodeSplit(
+            last=StepRows(self.seq_ids, (1,) * len(self.seq_ids), tuple(e - 1 for e in self.ends)),
+            last_rows=host_to_device(torch.tensor(last, dtype=torch.long) - 1, device),
+            decode_seqs=host_to_device(torch.tensor(decode, dtype=torch.long), device),
+            decode_rows=host_to_device(torch.tensor([last[i] - 1 for i in decode], dtype=torch.long), device),
+            prefill=StepRows(
+                tuple(self.seq_ids[i] for i in prefill),
+                tuple(self.num_new[i] for i in prefill),
+                tuple(self.start[i] for i in prefill),
+            ),
+            prefill_seqs=host_to_device(torch.tensor(prefill, dtype=torch.long), device),
+            prefill_rows=host_to_device(torch.tensor(prefill_rows, dtype=torch.long), device),
+        )
+
     def _host_positions(self) -> torch.Tensor:
         if not self.num_new:
             return torch.zeros(0, dtype=torch.long)
@@ -115,6 +148,34 @@ class StepRows:
         offsets = torch.cumsum(counts, 0) - counts  # first row of each sequence
         first = torch.repeat_interleave(torch.tensor(self.start, dtype=torch.long) - offsets, counts)
         return first + torch.arange(self.num_rows)
+
+
+@dataclass(frozen=True)
+class DecodeSplit:
+    """A mixed forward's attention in two parts (:meth:`StepRows.decode_split`).
+
+    Every sequence's *last* row attends as a decode step would (``last``: one
+    query per sequence, at its last position), which is all a one-row sequence
+    needs; the multi-row sequences attend again on their own (``prefill``), over
+    their keys alone. Index tensors are on the forward's device.
+
+    Attributes:
+        last: one row per sequence, at its last position.
+        last_rows: each sequence's last packed row.
+        decode_seqs: the one-row sequences, as indices into the forward's sequences.
+        decode_rows: their packed rows.
+        prefill: the multi-row sequences' own rows.
+        prefill_seqs: those sequences, as indices into the forward's sequences.
+        prefill_rows: their packed rows, in order.
+    """
+
+    last: StepRows
+    last_rows: torch.Tensor
+    decode_seqs: torch.Tensor
+    decode_rows: torch.Tensor
+    prefill: StepRows
+    prefill_seqs: torch.Tensor
+    prefill_rows: torch.Tensor
 
 
 class KVCache:
@@ -235,6 +296,22 @@ class KVCache:
         if not 0 <= length <= self.length(seq_id):
             raise ValueError(f"cannot truncate sequence {seq_id} of {self.length(seq_id)} tokens to {length}.")
         self._length[seq_id] = length
+
+    def replace(self, old: int, new: int) -> None:
+        """Hands ``old``'s row to ``new``, with nothing cached yet: ``old`` finished and ``new`` takes its place.
+
+        Continuous batching admits a prompt into a finished sequence's lane; giving
+        it that sequence's row too keeps a full slot on the consecutive rows it was
+        prefilled into, so :meth:`batch` still reads it as a view. A plain
+        :meth:`free` then a write would put the newcomer on the first free rows
+        instead, and two newcomers, needing two *consecutive* free rows, on new ones.
+        """
+        if new in self._row:
+            raise ValueError(f"sequence {new} already holds row {self._row[new]}; it cannot take {old}'s.")
+        row = self._row.pop(old, None)
+        self._length.pop(old, None)
+        if row is not None:
+            self._row[new], self._length[new] = row, 0
 
     def free(self, seq_ids: Sequence[int]) -> None:
         """Returns the rows of ``seq_ids`` for reuse; releases the slabs once no row is live."""

@@ -37,6 +37,11 @@ index (:attr:`PromptItem.index`) and the position, so the same seed gives the sa
 tokens on one device, through a pipeline of any depth, and with data-parallel
 attention. Bare tensors take their index from the order the module sees them in.
 
+Continuous batching (``max_running=N``): the batch is the window prompts are
+admitted from; at most ``N`` run at once and a finished one's place goes to a
+waiting one in the next forward (:mod:`lightning_pp.generation.scheduler`). The
+prediction of a batch is still one entry per prompt, in the batch's order.
+
 Tensor parallelism and data-parallel attention (``PPStrategy(tensor_parallel_size=...,
 attention_data_parallel_size=...)``): pass the full model as usual;
 :meth:`GenerationModule.configure_model` replaces the layers by this rank's shards
@@ -66,8 +71,10 @@ from lightning_pp.generation.engine import (
     StageParts,
     init_chunk_planner,
 )
+from lightning_pp.generation.prompt_checks import PromptRules
 from lightning_pp.generation.prompts import PromptDataset, PromptItem, ScoreDataset, collate_prompts
 from lightning_pp.generation.sampling import SamplingParams
+from lightning_pp.generation.scheduler import check_max_running
 from lightning_pp.generation.text import StopStrings, check_stop_strings, has_tokenizer, load_tokenizer
 from lightning_pp.models.llama import DecoderLM, shard_layers
 from lightning_pp.models.tp_block import BlockGroups
@@ -116,6 +123,14 @@ class GenerationModule(L.LightningModule):
         truncate: a prompt that would run past the model's ``max_position_embeddings``
             keeps its last tokens, as many as leave room for its ``max_new_tokens``,
             instead of being refused.
+        max_running: continuous batching: at most this many sequences of a batch in
+            flight (per pipeline; with attention-DP, per attention-DP rank), and when
+            one finishes a waiting prompt of the batch takes its place at once (longest
+            ``max_new_tokens`` first, see :mod:`lightning_pp.generation.scheduler`).
+            Give the DataLoader a ``batch_size`` several times larger: the batch is
+            the window prompts are admitted from. ``None`` (the default): the whole
+            batch starts at once, and the batch ends with its longest sequence. At
+            least the number of microbatches. Outputs do not change, only their speed.
     """
 
     #: Tells PPStrategy to hand ``predict_step`` the stage context instead of streaming.
@@ -140,6 +155,7 @@ class GenerationModule(L.LightningModule):
         tokenizer: Any = None,
         stop: Union[str, Sequence[str], None] = None,
         truncate: bool = False,
+        max_running: Optional[int] = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -160,6 +176,11 @@ class GenerationModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.stop = check_stop_strings(stop, "GenerationModule(stop=...)")
         self.truncate = truncate
+        check_max_running(max_running, 1)  # against the microbatches once the stage is known
+        self.max_running = max_running
+        #: Prompts admitted into a finished sequence's place so far (continuous batching), and
+        #: forwards launched, on this rank's first stage (0 on later stages).
+        self.num_admitted = self.num_forwards = 0
         #: Where :meth:`from_pretrained` read the model (named in errors about a missing tokenizer).
         self.checkpoint_dir: Optional[str] = None
         #: Prompts finished and tokens generated so far, on the rank that returns the outputs.
@@ -315,64 +336,15 @@ class GenerationModule(L.LightningModule):
         return items
 
     def _check_prompts(self, items: list[PromptItem], batch_idx: int) -> None:
-        """Token ids inside the vocabulary, a continuation exactly when scoring, room for every position."""
-        limit = self.config.max_position_embeddings
-        for i, item in enumerate(items):
-            where = f"prompt {i} of batch {batch_idx}"
-            self._check_ids(item.input_ids, where)
-            if self.mode == "score":
-                if item.continuation is None:
-                    raise ValueError(
-                        f"{where} has no continuation to score: mode='score' takes (prompt, continuation) pairs, "
-                        "e.g. ScoreDataset(pairs) with collate_fn=collate_prompts."
-                    )
-                self._check_ids(item.continuation, f"the continuation of {where}")
-                total = len(item.input_ids) + len(item.continuation)
-                if limit is not None and total > limit:
-                    raise ValueError(
-                        f"{where} and its continuation hold {total} tokens, past the model's "
-                        f"max_position_embeddings={limit}. Shorten the prompt or the continuation."
-                    )
-                continue
-            if item.continuation is not None:
-                raise ValueError(
-                    f"{where} carries a continuation to score, but this module generates: "
-                    "build it with GenerationModule(..., mode='score') to score continuations."
-                )
-            new = self.max_new_tokens if item.max_new_tokens is None else item.max_new_tokens
-            if isinstance(new, bool) or not isinstance(new, int) or new < 1:
-                raise ValueError(f"{where} asks for max_new_tokens={new!r}: give an integer >= 1 (or None).")
-            if (item.stop or (item.stop is None and self.stop)) and self.tokenizer is None:
-                raise ValueError(
-                    f"{where} has stop strings, which are found in the decoded text, but the module has no "
-                    "tokenizer: pass GenerationModule(tokenizer=...) or PromptDataset(prompts, tokenizer)."
-                )
-            if limit is not None and len(item.input_ids) + new > limit:
-                if self.truncate and limit - new >= 1:
-                    item.input_ids = item.input_ids[len(item.input_ids) + new - limit :]  # keep the last tokens
-                    continue
-                raise ValueError(
-                    f"{where} has {len(item.input_ids)} tokens; with max_new_tokens={new} it would reach "
-                    f"position {len(item.input_ids) + new}, past the model's max_position_embeddings={limit}. "
-                    + (
-                        "Lower max_new_tokens: it leaves no room for any prompt token."
-                        if self.truncate
-                        else "Shorten the prompt, lower max_new_tokens, or pass GenerationModule(truncate=True) "
-                        "to keep the prompt's last tokens."
-                    )
-                )
-
-    def _check_ids(self, ids: torch.Tensor, where: str) -> None:
-        vocab = self.config.vocab_size
-        if ids.numel() == 0:
-            raise ValueError(f"{where} is empty: every prompt and continuation needs at least one token.")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{where} holds token id {bad}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1}): "
-                "was it encoded with another model's tokenizer?"
-            )
+        PromptRules(
+            vocab_size=self.config.vocab_size,
+            max_positions=self.config.max_position_embeddings,
+            mode=self.mode,
+            max_new_tokens=self.max_new_tokens,
+            default_stop=bool(self.stop),
+            has_tokenizer=self.tokenizer is not None,
+            truncate=self.truncate,
+        ).check(items, batch_idx)
 
     def _microbatches(self, stage: StageContext) -> Optional[int]:
         """The one microbatch count, whether set here or on the strategy."""
@@ -439,6 +411,7 @@ class GenerationModule(L.LightningModule):
             planner=self._planner(parts, stage),
             num_microbatches=self._microbatches(stage),
             sampling=self.sampling,
+            max_running=self.max_running,
         )
         dp = stage.attn_dp_group
         shared = items if dp is None or dp.size == 1 else share_prompts(items, dp.rank, dp.size)
@@ -446,6 +419,8 @@ class GenerationModule(L.LightningModule):
         if dp is not None and dp.size > 1 and outputs is not None:  # first stage: attention-DP rank 0 gets all
             outputs = gather_shared_outputs(outputs, dp)
         self.num_idle_forwards += generator.num_idle_forwards
+        self.num_admitted += generator.num_admitted
+        self.num_forwards += generator.num_forwards
         topology, _ = self._topology()
         if topology is not None and topology.coords.tp != 0:
             return None  # tensor-parallel peers hold copies of rank 0's outputs

@@ -217,7 +217,9 @@ def attend(
     head ``h`` reads key/value head ``h // (H / Hkv)``.
 
     The packed queries are padded to the longest sequence's new rows (a view when
-    all sequences have as many, as in a decode step) and the keys to the longest
+    all sequences have as many, as in a decode step; a forward mixing one-row
+    decode steps with prefills attends the two apart, see
+    :meth:`~lightning_pp.generation.kv_cache.StepRows.decode_split`) and the keys to the longest
     sequence; a boolean mask hides the padding and the future. In a decode step the
     query heads that share a key/value head become that head's rows of queries, so
     each cached key is read once, not once per query head.
@@ -235,6 +237,13 @@ def attend(
     num_seqs, (n, heads, head_dim) = len(rows.seq_ids), q.shape
     if num_seqs == 0:
         return q.new_zeros(0, heads, head_dim)
+    split = rows.decode_split(q.device)
+    if split is not None:  # decode steps beside prefills: attend apart rather than pad each decode row to a prompt
+        out = torch.empty_like(q)
+        last = attend(q.index_select(0, split.last_rows), keys, values, split.last, window=window)
+        out.index_copy_(0, split.decode_rows, last.index_select(0, split.decode_seqs))
+        k, v = keys.index_select(0, split.prefill_seqs), values.index_select(0, split.prefill_seqs)
+        return out.index_copy_(0, split.prefill_rows, attend(q[split.prefill_rows], k, v, split.prefill, window=window))
     layout = rows.memo(("attention", q.device, window), lambda: _attention_layout(rows, q.device, window))
     kv_heads = keys.shape[1]
     keys, values = keys[:, :, : layout.max_len], values[:, :, : layout.max_len]
