@@ -16,8 +16,12 @@ communication, Lightning's per-batch work) and not about 2 CPU cores shared by
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --layer-ms 20 --batches 12
 
+* torch pp=4: ``torch.distributed.pipelining``'s ``ScheduleGPipe`` (forward only, under
+  ``no_grad``) on the same layers, batch after batch, timed over the whole loop.
+
 Prints the wall time of the predict loop (``on_predict_start`` to ``on_predict_end``
-on global rank 0) and the speed-up over one device.
+on global rank 0) and the speed-up over one device, with the load average (a shared
+machine inflates every fixed cost: compare the ratios).
 """
 
 from __future__ import annotations
@@ -88,12 +92,44 @@ def _predict(args: argparse.Namespace, devices: int, streaming: bool = True) -> 
     return timer.seconds, torch.cat(predictions) if trainer.is_global_zero else torch.empty(0)
 
 
-def _rank(rank: int, args: argparse.Namespace, port: int, queue: "mp.Queue") -> None:
+def _torch_predict(args: argparse.Namespace, rank: int, port: int) -> float:
+    """The same layers, batches and microbatches through torch.distributed.pipelining (GPipe, forward only)."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.pp)
+    try:
+        per_stage = args.layers // args.pp
+        layers = SleepModel(args.layers, args.layer_ms / 1000).layers[rank * per_stage : (rank + 1) * per_stage]
+        example = torch.zeros(ROWS // args.m, 8)
+        stage = PipelineStage(layers, rank, args.pp, torch.device("cpu"), input_args=(example,),
+                              output_args=(example,))
+        schedule = ScheduleGPipe(stage, args.m)
+        data = torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8)
+        with torch.no_grad():
+            dist.barrier()
+            start = time.perf_counter()
+            for batch in data.split(ROWS):
+                if rank == 0:
+                    schedule.step(batch)
+                else:
+                    schedule.step()
+            dist.barrier()
+            return time.perf_counter() - start
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: "mp.Queue") -> None:
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "RANK": str(rank),
          "LOCAL_RANK": str(rank), "WORLD_SIZE": str(args.pp), "PYTHONWARNINGS": "ignore"}
     )
-    results = {mode: _predict(args, args.pp, streaming=mode == "streaming") for mode in ("streaming", "per-batch")}
+    torch_seconds = _torch_predict(args, rank, torch_port)
+    modes = ("streaming", "per-batch")
+    results: dict = {mode: _predict(args, args.pp, streaming=mode == "streaming") for mode in modes}
+    results["torch"] = torch_seconds
     if rank == 0:
         queue.put(pickle.dumps(results))  # by value: shared-memory tensors die with this process
 
@@ -109,12 +145,16 @@ def main() -> None:
 
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    with open("/proc/loadavg") as f:
+        load_before = " ".join(f.read().split()[:3])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, args, port, queue)) for r in range(args.pp)]
+    procs = [ctx.Process(target=_rank, args=(r, args, ports[0], ports[1], queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
     pipelined = pickle.loads(queue.get(timeout=600))
@@ -122,7 +162,11 @@ def main() -> None:
         p.join()
     single, expected = _predict(args, 1)
 
+    with open("/proc/loadavg") as f:
+        load_after = " ".join(f.read().split()[:3])
+
     p, m = args.pp, args.m
+    print(f"load average before {load_before}, after {load_after} on {os.cpu_count()} cores")
     print(f"{args.batches} batches x {ROWS} rows, {args.layers} layers of {args.layer_ms:.0f} ms per batch, "
           f"pp={p}, m={m}")
     print(f"{'run':22} {'seconds':>8} {'speed-up':>9}  {'same output':>11}")
@@ -131,6 +175,9 @@ def main() -> None:
         seconds, output = pipelined[mode]
         same = torch.equal(output, expected)
         print(f"{'pp=%d %s' % (p, mode):22} {seconds:8.2f} {single / seconds:8.2f}x  {str(same):>11}")
+    torch_seconds = pipelined["torch"]
+    print(f"{'torch pp=%d GPipe' % p:22} {torch_seconds:8.2f} {single / torch_seconds:8.2f}x  "
+          f"{'(not kept)':>11}")
     print(f"ideal {float(p):.2f}x; a bubble every batch caps it at p*m/(m+p-1) = {p * m / (m + p - 1):.2f}x")
 
 

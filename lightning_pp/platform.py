@@ -48,9 +48,19 @@ DEVICE_ENV_VAR = "LIGHTNING_PP_DEVICE"
 
 # NOTE: Intel's XCCL busy-polls inside ``isend`` until the peer posts the matching
 # receive (SGLang PR 23645). NCCL's send kernel likewise waits on the device for
-# its receiver. gloo buffers small and large sends alike, so only CPU and MPS
-# (which also uses gloo) are known not to wait. Unknown devices are assumed to.
-_SEND_DOES_NOT_WAIT = frozenset({"cpu", "mps"})
+# its receiver. gloo does too: measured with torch 2.13, a 64-byte and a 4 MiB
+# ``isend`` alike complete only once the receiver posts its receive (the send
+# ``wait()`` took 0.50 s against a receiver that slept 0.5 s). No device is known
+# whose sends are buffered, so every platform says sends wait.
+_SEND_DOES_NOT_WAIT: frozenset = frozenset()
+
+# NOTE: XCCL's ``isend`` busy-polls on the host until the receive is posted, so even a
+# send that is not waited for blocks its sender: there, sends must keep the proven order.
+_POSTING_A_SEND_BLOCKS = frozenset({"xpu"})
+
+# Devices whose collective backends (NCCL, XCCL, HCCL) make ``work.wait()`` a wait of
+# the current stream, not of the host: the host may queue more work behind a transfer.
+_STREAM_ORDERED_DEVICES = frozenset({"cuda", "xpu", "npu"})
 
 # Devices with page-locked host memory and truly asynchronous host-to-device copies.
 _ASYNC_COPY_DEVICES = frozenset({"cuda", "xpu", "npu"})
@@ -265,6 +275,18 @@ class Platform:
         """Records ``event`` on ``stream`` (the current stream by default) and returns it."""
         event.record(stream if stream is not None else self.current_stream())
         return event
+
+    def posting_a_send_blocks(self, backend: str) -> bool:
+        """Whether ``isend`` itself blocks the host until the receiver is there (XCCL), not only its ``wait()``."""
+        return self.device_type in _POSTING_A_SEND_BLOCKS and backend != "gloo"
+
+    def transfers_wait_on_stream(self, backend: str) -> bool:
+        """Whether a transfer's ``work.wait()`` on ``backend`` makes the current stream wait instead of the host.
+
+        True for the device backends (NCCL and its twins) on their devices; gloo's
+        waits block the host, which on the CPU is where the work is anyway.
+        """
+        return self.device_type in _STREAM_ORDERED_DEVICES and backend != "gloo"
 
     def wait_event(self, event: Any, stream: Any = None) -> None:
         """Makes ``stream`` (the current one by default) wait for ``event``."""

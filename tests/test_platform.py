@@ -74,7 +74,7 @@ def test_backend_comes_from_torchs_map(device_type, backend):
 
 @pytest.mark.parametrize(
     "device_type, waits, async_copy",
-    [("cpu", False, False), ("mps", False, False), ("cuda", True, True), ("xpu", True, True), ("npu", True, True),
+    [("cpu", True, False), ("mps", True, False), ("cuda", True, True), ("xpu", True, True), ("npu", True, True),
      ("made-up", True, False)],
 )
 def test_capabilities(device_type, waits, async_copy):
@@ -82,6 +82,8 @@ def test_capabilities(device_type, waits, async_copy):
     assert platform.send_waits_for_receiver is waits
     assert platform.supports_async_copy is async_copy
     assert platform.has_fused_allreduce is False  # flashinfer is not installed here
+    assert platform.transfers_wait_on_stream("gloo") is False
+    assert platform.transfers_wait_on_stream("nccl") is (device_type in ("cuda", "xpu", "npu"))
 
 
 def test_cpu_platform_streams_events_and_copies():

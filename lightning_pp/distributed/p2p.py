@@ -13,29 +13,47 @@ step moves a few kilobytes). So a transfer is as few messages as its content
 allows::
 
     header   one int64: the layout's byte length, or -1 = "same layout as your last
-             one from me" (each side keeps the last layout per peer)
+             one from me" (each side keeps the last layout per peer and channel)
     layout   only when it changed
     tensors  one message per dtype: the tensors of that dtype packed into one flat
              buffer (a lone tensor goes as it is); empty ones send nothing
 
 The receiver unpacks a flat buffer into disjoint views, each a leaf of its own
-(gradients stay per tensor).
+(gradients stay per tensor). Whether the layout changed is decided by comparing the
+structure and leaf descriptions; the layout is pickled only when it did.
 
-Every operation here is *blocking*. That is deliberate: the schedule that drives
-this module is proven deadlock-free under the strictest model, in which a send
-does not return until the peer has posted the matching receive (Intel XCCL
-behaves so; see ``lightning_pp.pipeline.schedules``). Code that is safe under that model
-is safe under every weaker one.
+Once a layout repeated, the receiver bets on the next one being the same (a
+training or decode step is) and posts the data buffers together with the header,
+so both are in flight at once; on the CPU, where header and data share one group,
+they then travel as *one* message (the header, then every dtype's bytes, 8-byte
+aligned). Both ends track the bet alike; a sender whose layout changed after all
+first fills what the receiver posted (the header says so), then sends as above.
+
+Sends and receives run in the order the caller makes them, and that order is what
+the schedules prove deadlock-free under the strictest model, in which a send does
+not complete until the peer has posted the matching receive (Intel XCCL behaves
+so, and so does gloo: its ``isend`` completes only once the receiver is there;
+see ``lightning_pp.pipeline.schedules``). A send may be *posted* without waiting
+for it (``send(..., wait=False)``): the caller goes on computing while the
+receiver catches up, and :meth:`PipeComm.wait_sends` later waits for every posted
+send. A send that does not wait never blocks its sender, so an order that
+completes when sends block completes when they do not; the buffers of a posted
+send are kept until it is done.
 
 Each transfer has a deadline (``timeout``): a peer that stalls, or dies, surfaces
 as a :class:`PipeCommError` naming this rank, the peer and the transfer, never as a
-rank waiting forever in a receive.
+rank waiting forever in a receive. On gloo the host waits with that deadline. On
+device backends whose ``wait()`` makes the current stream wait instead of the host
+(NCCL), received data is waited for on the stream, so the host queues the next
+kernels during the transfer, and a :class:`~lightning_pp.distributed.deadlines.Watchdog`
+thread enforces the deadline of every transfer still in flight.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,6 +62,7 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from lightning_pp.distributed.deadlines import Watchdog
 from lightning_pp.distributed.errors import (
     PayloadError,
     PipeCommError,
@@ -57,6 +76,7 @@ __all__ = [
     "PayloadError",
     "PipeComm",
     "PipeCommError",
+    "PostedRecv",
     "TorchTransport",
     "Transport",
     "flatten_payload",
@@ -65,7 +85,14 @@ __all__ = [
 
 
 class Transport(Protocol):
-    """Blocking tensor send/receive between two global ranks of ``group``."""
+    """Blocking tensor send/receive between two global ranks of ``group``.
+
+    A transport may also offer ``isend(tensor, dst, group)`` and ``irecv(tensor, src,
+    group)`` returning a handle with ``wait(timeout=...)`` and ``is_completed()``
+    (``torch.distributed``'s work objects); :class:`PipeComm` then posts sends
+    without waiting for them. Without ``isend`` every send blocks, which is how the
+    tests model a backend whose send waits for its receiver.
+    """
 
     def send(self, tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup]) -> None: ...
 
@@ -95,6 +122,38 @@ class TorchTransport:
 
     def recv(self, tensor: torch.Tensor, src: int, group: Optional[dist.ProcessGroup]) -> None:
         self._wait(dist.irecv(tensor, src=src, group=group))
+
+    def isend(self, tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup]) -> Any:
+        """Posts a send and returns its work handle (the caller keeps ``tensor`` alive until it is done)."""
+        return dist.isend(tensor, dst=dst, group=group)
+
+    def irecv(self, tensor: torch.Tensor, src: int, group: Optional[dist.ProcessGroup]) -> Any:
+        """Posts a receive and returns its work handle."""
+        return dist.irecv(tensor, src=src, group=group)
+
+
+class PostedRecv:
+    """A receive posted ahead of time by :meth:`PipeComm.post_recv` (its header, maybe its predicted data)."""
+
+    def __init__(self, src: int, src_pp_rank: int, channel: Any, what: str, meta_device: torch.device) -> None:
+        self.src, self.src_pp_rank, self.channel, self.what = src, src_pp_rank, channel, what
+        self.header = torch.empty(1, dtype=torch.int64, device=meta_device)
+        self.header_work: Any = None
+        self.data: list[tuple[torch.Tensor, Any]] = []
+        self.fused: Optional[torch.Tensor] = None  # header and data in one byte buffer (CPU)
+
+
+@dataclass
+class _InFlight:
+    """A posted transfer: its handle, the buffers it reads or writes, and whom it is with."""
+
+    work: Any
+    buffers: tuple[torch.Tensor, ...]
+    verb: str  # "send" or "receive"
+    what: str
+    peer_pp_rank: int
+    peer: int
+    posted_at: float
 
 
 @dataclass(frozen=True)
@@ -141,6 +200,10 @@ class PipeComm:
         platform: device facts; the process platform by default.
         timeout: deadline of each transfer of the default transport (``None``: the
             process group's own timeout).
+        stream_ordered: whether a transfer's ``wait()`` makes the current device stream
+            wait rather than the host (NCCL); by default the platform's answer for
+            ``group``'s backend. Then received tensors are waited for on the stream and
+            a watchdog thread enforces ``timeout``.
     """
 
     def __init__(
@@ -152,6 +215,7 @@ class PipeComm:
         transport: Optional[Transport] = None,
         platform: Optional[Platform] = None,
         timeout: Optional[timedelta] = None,
+        stream_ordered: Optional[bool] = None,
     ) -> None:
         self.group = group
         self.meta_group = meta_group if meta_group is not None else group
@@ -160,68 +224,231 @@ class PipeComm:
         self.transport: Transport = transport or TorchTransport(timeout)
         self.platform = platform or current_platform()
         self._meta_device = torch.device("cpu") if meta_group is not None else device
+        has_group = group is not None and dist.is_initialized()
+        backend = str(dist.get_backend(group)) if has_group else self.platform.dist_backend
+        if stream_ordered is None:
+            stream_ordered = self.platform.transfers_wait_on_stream(backend)
+        self.stream_ordered = stream_ordered
+        # One channel in host memory (gloo on the CPU): once the receiver predicts the
+        # layout, header and data travel as one message (one post and one wait per side).
+        self._fuses = meta_group is None and device.type == "cpu" and not stream_ordered
+        #: A posted send blocks nothing, on the host or on a device stream: the transport
+        #: can post sends, ``isend`` does not itself wait for the receiver (XCCL's does),
+        #: and transfers are not stream-ordered (NCCL runs a pair's sends and receives in
+        #: posting order on one stream, where a send waits for its receiver). Only then
+        #: may a caller post sends, or receives, ahead of the proven order.
+        self.sends_never_block = (
+            getattr(self.transport, "isend", None) is not None
+            and not self.platform.posting_a_send_blocks(backend)
+            and not stream_ordered
+        )
         # The last layout sent to / received from each peer (global rank): a repeat
-        # costs one small header instead of two messages.
-        self._sent_layout: dict[int, bytes] = {}
-        self._received_layout: dict[int, tuple[Any, list[Optional[_Leaf]]]] = {}
+        # costs one small header instead of two messages, and is never pickled.
+        self._sent_layout: dict[tuple[int, Any], tuple[Any, list[Optional[_Leaf]]]] = {}  # by (peer, channel)
+        self._received_layout: dict[tuple[int, Any], tuple[Any, list[Optional[_Leaf]]]] = {}
+        # Whether the receiver posts data buffers for the last layout together with the
+        # header (it does after a repeated layout); tracked alike at both ends.
+        self._predicting: dict[tuple[int, Any], bool] = {}  # as receiver, by (source, channel)
+        self._peer_predicts: dict[tuple[int, Any], bool] = {}  # as sender, by (destination, channel)
+        self._in_flight: list[_InFlight] = []  # posted sends, oldest first
+        self._watchdog: Optional[Watchdog] = None
+        self._global_ranks: dict[int, int] = {}
 
     def global_rank(self, pp_rank: int) -> int:
         """The global rank of pipeline rank ``pp_rank`` (``dist`` APIs take global ranks)."""
-        return dist.get_global_rank(self.group, pp_rank) if self.group is not None else pp_rank
+        rank = self._global_ranks.get(pp_rank)
+        if rank is None:
+            rank = dist.get_global_rank(self.group, pp_rank) if self.group is not None else pp_rank
+            self._global_ranks[pp_rank] = rank
+        return rank
 
-    def send(self, payload: Any, dst_pp_rank: int, *, where: str = "stage output") -> None:
-        """Sends ``payload`` to pipeline rank ``dst_pp_rank``; returns when the transfer completed."""
+    @property
+    def num_in_flight(self) -> int:
+        """Sends posted and not yet known to be complete."""
+        self._reap()
+        return len(self._in_flight)
+
+    def send(
+        self, payload: Any, dst_pp_rank: int, *, where: str = "stage output", wait: bool = True, channel: Any = None
+    ) -> None:
+        """Sends ``payload`` to pipeline rank ``dst_pp_rank``.
+
+        Args:
+            wait: return only when the transfer completed. ``False`` posts it and returns
+                (when the transport can post sends); :meth:`wait_sends` waits for it, and
+                its buffers stay alive until then. The order of transfers is the same
+                either way.
+            channel: which stream of messages to this peer the payload belongs to (e.g.
+                activations of one stage, gradients of another); the receiver names the
+                same channel. Each channel remembers its own last layout, so two streams
+                interleaved on one peer (activations one way, gradients the other, as in
+                an interleaved schedule) still repeat their layouts.
+        """
+        self._raise_if_expired()
         structure, tensors = flatten_payload(payload, where=where)
         leaves = [None if t is None else _Leaf(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
-        layout = pickle.dumps((structure, leaves))
         dst = self.global_rank(dst_pp_rank)
+        key = (dst, channel)
+        post = getattr(self.transport, "isend", None) if not wait else None
         with self._failures("send", where, "to", dst_pp_rank, dst):
-            repeat = self._sent_layout.get(dst) == layout
-            header = torch.tensor([_SAME_LAYOUT if repeat else len(layout)], dtype=torch.int64)
-            self.transport.send(header.to(self._meta_device), dst, self.meta_group)
-            if not repeat:
-                meta = torch.frombuffer(bytearray(layout), dtype=torch.uint8)
-                self.transport.send(meta.to(self._meta_device), dst, self.meta_group)
-                self._sent_layout[dst] = layout
+            previous = self._sent_layout.get(key)
+            repeat = previous is not None and previous[0] == structure and previous[1] == leaves
+            predicts = previous is not None and self._peer_predicts.get(key, False)
+            fused = predicts and self._fuses  # the receiver posted one buffer for header and data
+            messages: list[tuple[torch.Tensor, Optional[dist.ProcessGroup]]] = []
+            flats = []
             for bucket in _dtype_buckets(leaves):
                 if len(bucket) == 1:
-                    self.transport.send(_bucketed_tensor(tensors, bucket[0]).detach().contiguous(), dst, self.group)
+                    flat = _bucketed_tensor(tensors, bucket[0]).detach().contiguous()
                 else:
                     flat = torch.cat([_bucketed_tensor(tensors, i).detach().reshape(-1) for i in bucket])
-                    self.transport.send(flat, dst, self.group)
+                flats.append(flat)
+            if repeat and fused:
+                messages.append((_fuse(_SAME_LAYOUT, flats), self.group))
+                flats = []
+            elif repeat:
+                messages.append((_same_layout_header(self._meta_device), self.meta_group))
+            else:
+                layout = pickle.dumps((structure, leaves))
+                assert previous is not None or not predicts
+                if fused:
+                    # The receiver posted one buffer for the previous layout: the header goes in
+                    # it (the rest unread), then the new layout and data as separate messages.
+                    assert previous is not None
+                    messages.append((_fuse(len(layout), _empty_buckets(previous[1], self.device)), self.group))
+                else:
+                    header = torch.tensor([len(layout)], dtype=torch.int64)
+                    messages.append((header.to(self._meta_device), self.meta_group))
+                    if predicts:
+                        # The receiver posted buffers for the previous layout with its header:
+                        # fill them (unread), then say what comes instead.
+                        assert previous is not None
+                        messages += [(flat, self.group) for flat in _empty_buckets(previous[1], self.device)]
+                meta = torch.frombuffer(bytearray(layout), dtype=torch.uint8)
+                messages.append((meta.to(self._meta_device), self.meta_group))
+                self._sent_layout[key] = (structure, leaves)
+            self._peer_predicts[key] = repeat and getattr(self.transport, "irecv", None) is not None
+            messages += [(flat, self.group) for flat in flats]
+            for tensor, group in messages:
+                if post is None:
+                    self.transport.send(tensor, dst, group)
+                else:
+                    work = post(tensor, dst, group)
+                    self._track(_InFlight(work, (tensor,), "send", where, dst_pp_rank, dst, time.monotonic()))
+        self._reap()
 
-    def recv(self, src_pp_rank: int, *, what: str = "a payload") -> Any:
+    def wait_sends(self) -> None:
+        """Waits for every posted send, each within its deadline; raises the first failure, naming the peer."""
+        self._raise_if_expired()
+        while self._in_flight:
+            item = self._in_flight[0]
+            with self._failures(item.verb, item.what, "to", item.peer_pp_rank, item.peer):
+                self._wait_in_flight(item)
+            self._in_flight.pop(0)
+            if self._watchdog is not None:
+                self._watchdog.forget(item)
+        self._raise_if_expired()
+
+    def recv(
+        self, src_pp_rank: int, *, what: str = "a payload", channel: Any = None, posted: Optional["PostedRecv"] = None
+    ) -> Any:
         """Receives the next payload from pipeline rank ``src_pp_rank``, in fresh buffers.
 
         Floating-point tensors that required grad on the sender require grad here, so
         the receiving stage's backward produces the gradient to send back.
+        ``channel`` names the sender's (see :meth:`send`). ``posted``: the handle
+        :meth:`post_recv` returned for this very receive, which then completes it.
+        """
+        self._raise_if_expired()
+        if posted is None:
+            posted = self.post_recv(src_pp_rank, channel=channel, what=what)
+        with self._failures("receive", posted.what, "from", posted.src_pp_rank, posted.src):
+            return self._finish_recv(posted)
+
+    def post_recv(self, src_pp_rank: int, *, channel: Any = None, what: str = "a payload") -> "PostedRecv":
+        """Posts the next receive from ``src_pp_rank`` now; :meth:`recv` with ``posted=`` completes it.
+
+        Posting early lets the sender's messages land while this rank computes (a
+        receive that is posted never blocks anyone). Receives must be completed in
+        the order they were posted, and the next one on a channel posted only after
+        the previous one there completed (its header decides what comes next).
         """
         src = self.global_rank(src_pp_rank)
+        key = (src, channel)
+        irecv = getattr(self.transport, "irecv", None)
+        handle = PostedRecv(src, src_pp_rank, channel, what, self._meta_device)
+        predicted = self._received_layout.get(key) if self._predicting.get(key, False) else None
+        if irecv is None:
+            return handle  # a blocking transport: everything happens in recv
         with self._failures("receive", what, "from", src_pp_rank, src):
-            return self._recv(src)
+            if predicted is not None and self._fuses:
+                handle.fused = _fused_buffer(predicted[1], self.device)
+                handle.header_work = irecv(handle.fused, src, self.group)
+                return handle
+            handle.header_work = irecv(handle.header, src, self.meta_group)
+            if predicted is not None:
+                flats = _empty_buckets(predicted[1], self.device)
+                handle.data = [(flat, irecv(flat, src, self.group)) for flat in flats]
+        return handle
 
-    def _recv(self, src: int) -> Any:
-        header = torch.empty(1, dtype=torch.int64, device=self._meta_device)
-        self.transport.recv(header, src, self.meta_group)
+    def _finish_recv(self, handle: "PostedRecv") -> Any:
+        """One payload: header, then (layout and) data.
+
+        After a repeated layout the next one is likely the same (a training step, a
+        decode step), so the data buffers for it are posted together with the header:
+        both messages are in flight at once, one round of latency instead of two. The
+        sender knows the receiver does so (both ends track whether the last layout
+        repeated) and, when its layout changed after all, first fills those buffers.
+        """
+        src, src_pp_rank, what, key = handle.src, handle.src_pp_rank, handle.what, (handle.src, handle.channel)
+        irecv = getattr(self.transport, "irecv", None)
+        header, posted = handle.header, handle.data
+        flats: list[torch.Tensor] = []
+        if handle.header_work is None:
+            self.transport.recv(header, src, self.meta_group)
+        else:
+            self._wait_host(handle.header_work)
+        if handle.fused is not None:
+            header = handle.fused[:8].view(torch.int64)
         size = int(header.item())
+        self._predicting[key] = size == _SAME_LAYOUT
         if size == _SAME_LAYOUT:
-            if src not in self._received_layout:
+            if key not in self._received_layout:
                 raise RuntimeError(
                     f"global rank {src} repeated a layout it never sent (sender and receiver out of step)."
                 )
-            structure, leaves = self._received_layout[src]
+            structure, leaves = self._received_layout[key]
+            if handle.fused is not None:
+                flats = _unfuse(handle.fused, leaves)
         else:
+            for _, work in posted:  # filled by the sender, unread: its layout changed
+                self._wait_host(work)
+            posted = []
             meta = torch.empty(size, dtype=torch.uint8, device=self._meta_device)
             self.transport.recv(meta, src, self.meta_group)
             structure, leaves = pickle.loads(meta.cpu().numpy().tobytes())
-            self._received_layout[src] = (structure, leaves)
+            self._received_layout[key] = (structure, leaves)
         tensors: list[Optional[torch.Tensor]] = [None] * len(leaves)
-        for bucket in _dtype_buckets(leaves):
+        buckets = _dtype_buckets(leaves)
+        if not posted and not (handle.fused is not None and size == _SAME_LAYOUT):
+            flats = [_empty_bucket(leaves, bucket, self.device) for bucket in buckets]
+            if irecv is None:
+                for flat in flats:
+                    self.transport.recv(flat, src, self.group)
+            else:
+                posted = [(flat, irecv(flat, src, self.group)) for flat in flats]
+        for flat, work in posted:
+            if self.stream_ordered:
+                # The current stream waits for the data; the host goes on queueing work. The
+                # watchdog holds the work (and so the buffer) until it is done, and its deadline.
+                work.wait()
+                self._watch(_InFlight(work, (flat,), "receive", what, src_pp_rank, src, time.monotonic()))
+            else:
+                self._wait_host(work)
+        flats = [flat for flat, _ in posted] if posted else flats
+        for bucket, flat in zip(buckets, flats):
             shapes = [leaves[i].shape for i in bucket]  # type: ignore[union-attr]
-            numels = [math.prod(shape) for shape in shapes]
-            flat = torch.empty(sum(numels), dtype=leaves[bucket[0]].dtype, device=self.device)  # type: ignore[union-attr]
-            self.transport.recv(flat, src, self.group)
-            for i, part, shape in zip(bucket, flat.split(numels), shapes):
+            for i, part, shape in zip(bucket, flat.split([math.prod(shape) for shape in shapes]), shapes):
                 tensors[i] = part.view(shape)
         for i, leaf in enumerate(leaves):
             tensor = tensors[i]
@@ -234,6 +461,68 @@ class PipeComm:
                 tensor = tensor.detach().requires_grad_(True)
             tensors[i] = tensor
         return unflatten_payload(structure, tensors)
+
+    def _wait_host(self, work: Any) -> None:
+        """Blocks the host until ``work`` is done, within the transfer deadline."""
+        if self.timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=self.timeout)
+
+    # -- transfers in flight -------------------------------------------------------------
+    def _track(self, item: _InFlight) -> None:
+        self._in_flight.append(item)
+        if self.stream_ordered:
+            self._watch(item)
+
+    def _watch(self, item: _InFlight) -> None:
+        if self.timeout is None:
+            return  # the process group's own timeout ends a stalled transfer
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.timeout.total_seconds())
+        self._watchdog.watch(item, item.work, item.posted_at)
+
+    def _reap(self) -> None:
+        """Drops completed sends from the front of the queue (their buffers can go)."""
+        while self._in_flight and _is_completed(self._in_flight[0].work):
+            item = self._in_flight.pop(0)
+            if self._watchdog is not None:
+                self._watchdog.forget(item)
+
+    def _wait_in_flight(self, item: _InFlight) -> None:
+        if self.stream_ordered or self.timeout is None:
+            item.work.wait()  # stream-ordered: the stream waits; the watchdog keeps the deadline
+            return
+        left = self.timeout.total_seconds() - (time.monotonic() - item.posted_at)
+        item.work.wait(timeout=timedelta(seconds=max(left, 0.001)))
+
+    def _raise_if_expired(self) -> None:
+        """Raises, on the caller's thread, the error of a transfer the watchdog found past its deadline."""
+        if self._watchdog is None:
+            return
+        expired = self._watchdog.expired()
+        if expired is None:
+            return
+        item, waited = expired
+        me = dist.get_rank() if dist.is_initialized() else 0
+        raise PipeCommError(
+            f"Pipeline rank {self._my_pp_rank()} (global rank {me}) could not {item.verb} {item.what} "
+            f"{'to' if item.verb == 'send' else 'from'} pipeline rank {item.peer_pp_rank} (global rank {item.peer}): "
+            f"the transfer was still not complete after {waited:.0f} s, past its deadline of "
+            f"{self.timeout} (PPStrategy(timeout=...)). The peer stalled or died; look at its log.",
+            rank=me,
+            peer=item.peer,
+            operation=f"{item.verb} {item.what}",
+        )
+
+    def _my_pp_rank(self) -> int:
+        return dist.get_rank(self.group) if self.group is not None and dist.is_initialized() else 0
+
+    def close(self) -> None:
+        """Stops the watchdog thread (if one was started)."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     @contextmanager
     def _failures(self, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int) -> Iterator[None]:
@@ -249,7 +538,7 @@ class PipeComm:
             if isinstance(error, PipeCommError):
                 raise
             me = dist.get_rank() if dist.is_initialized() else 0
-            my_pp_rank = dist.get_rank(self.group) if self.group is not None else 0
+            my_pp_rank = self._my_pp_rank()
             cause, _ = describe_failure(
                 error,
                 who=f"pipeline rank {peer_pp_rank} (global rank {peer})",
@@ -269,6 +558,16 @@ class PipeComm:
 _SAME_LAYOUT = -1
 
 
+def _same_layout_header(device: torch.device) -> torch.Tensor:
+    # A fresh tensor per send: a posted send reads its buffer until it completes.
+    return torch.full((1,), _SAME_LAYOUT, dtype=torch.int64, device=device)
+
+
+def _is_completed(work: Any) -> bool:
+    is_completed = getattr(work, "is_completed", None)
+    return bool(is_completed()) if is_completed is not None else False
+
+
 def _dtype_buckets(leaves: list[Optional[_Leaf]]) -> list[list[int]]:
     """Indices of the non-empty tensors grouped by dtype, in order of first appearance.
 
@@ -279,6 +578,54 @@ def _dtype_buckets(leaves: list[Optional[_Leaf]]) -> list[list[int]]:
         if leaf is not None and math.prod(leaf.shape) > 0:
             buckets.setdefault(leaf.dtype, []).append(i)
     return list(buckets.values())
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8  # each part starts 8-byte aligned, so its bytes view as any dtype
+
+
+def _fuse(header: int, flats: list[torch.Tensor]) -> torch.Tensor:
+    """One byte buffer: the int64 header, then each flat buffer's bytes, each padded to 8 bytes."""
+    parts = [torch.tensor([header], dtype=torch.int64).view(torch.uint8)]
+    for flat in flats:
+        raw = flat.reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        if _padded(raw.numel()) != raw.numel():
+            parts.append(torch.zeros(_padded(raw.numel()) - raw.numel(), dtype=torch.uint8))
+    return torch.cat(parts)
+
+
+def _fused_buffer(leaves: list[Optional[_Leaf]], device: torch.device) -> torch.Tensor:
+    """The receive buffer :func:`_fuse` fills for a payload of ``leaves``."""
+    size = 8 + sum(_padded(flat.numel() * flat.element_size()) for flat in _empty_buckets(leaves, torch.device("meta")))
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def _unfuse(buffer: torch.Tensor, leaves: list[Optional[_Leaf]]) -> list[torch.Tensor]:
+    """The flat buffer of each dtype bucket, as views into ``buffer`` (after its header)."""
+    flats, offset = [], 8
+    for shape_of in _empty_buckets(leaves, torch.device("meta")):
+        nbytes = shape_of.numel() * shape_of.element_size()
+        flats.append(buffer[offset : offset + nbytes].view(shape_of.dtype))
+        offset += _padded(nbytes)
+    return flats
+
+
+def _empty_bucket(leaves: list[Optional[_Leaf]], bucket: list[int], device: torch.device) -> torch.Tensor:
+    """A flat receive buffer for one dtype bucket of ``leaves``."""
+    first = leaves[bucket[0]]
+    assert first is not None
+    numel = 0
+    for i in bucket:
+        leaf = leaves[i]
+        assert leaf is not None
+        numel += math.prod(leaf.shape)
+    return torch.empty(numel, dtype=first.dtype, device=device)
+
+
+def _empty_buckets(leaves: list[Optional[_Leaf]], device: torch.device) -> list[torch.Tensor]:
+    """One flat buffer per dtype bucket of ``leaves``, in message order."""
+    return [_empty_bucket(leaves, bucket, device) for bucket in _dtype_buckets(leaves)]
 
 
 def _bucketed_tensor(tensors: list[Optional[torch.Tensor]], i: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_pp.distributed.p2p import PipeComm
+from lightning_pp.pipeline.block_stage import BlockPipeline
 from lightning_pp.pipeline.executor import run_step_to_end, run_step_to_first_stage
 from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
 from lightning_pp.pipeline.step_outputs import OutputRows, concat_outputs, join_rows, split_rows
@@ -139,6 +140,10 @@ class PredictStream:
         device: where microbatches run.
         platform: pins host inputs and copies them to ``device``.
         sequential_name: how the user knows the Sequential, for error messages.
+        blocks: for a model pipelined by its block list, this rank's
+            :class:`~lightning_pp.pipeline.block_stage.BlockPipeline` (``pipelined`` is then
+            unused): every stage runs each microbatch's step, as that stage, so every
+            stage reads the batches (values between blocks are recomputed from them).
         defer_copy: ``prepare`` leaves the batch on the host: pin each microbatch and
             copy it to ``device`` when it launches. ``False``: ``prepare`` moved it.
     """
@@ -159,6 +164,7 @@ class PredictStream:
         device: torch.device,
         platform: Platform,
         sequential_name: str,
+        blocks: Optional[BlockPipeline] = None,
         defer_copy: bool = True,
     ) -> None:
         self.feed = feed
@@ -169,7 +175,8 @@ class PredictStream:
         self.device, self.platform = device, platform
         self.sequential_name = sequential_name
         self.defer_copy = defer_copy
-        self._needs_data = pp_rank in (0, pp_size - 1)
+        self.blocks = blocks
+        self._needs_data = blocks is not None or pp_rank in (0, pp_size - 1)
         self._starts: list[int] = [0]  # _starts[k] = first stream microbatch of batch k
         # stream microbatch -> its input (first/last rank): on the host when the copy is deferred
         self._host: dict[int, Any] = {}
@@ -187,6 +194,7 @@ class PredictStream:
             launch=self._launch,
             finish=self._finish,
             on_result=self._results.__setitem__,
+            middle=self._middle if blocks is not None else None,
             platform=platform,
         )
 
@@ -258,6 +266,8 @@ class PredictStream:
     def _launch(self, g: int) -> Any:
         microbatch = self._device_microbatch(g)
         args = self.step_args(self._batch_of(g))
+        if self.blocks is not None:
+            return self._run_block_stage(microbatch, args, None)
 
         def run(handler: Callable[[Any], Any]) -> Any:
             return self._run_with(microbatch, args, handler)
@@ -269,11 +279,24 @@ class PredictStream:
     def _finish(self, g: int, activation: Any) -> Any:
         microbatch = self._device_microbatch(g)
         args = self.step_args(self._batch_of(g))
+        if self.blocks is not None:
+            return self._run_block_stage(microbatch, args, activation)
 
         def run(handler: Callable[[Any], Any]) -> Any:
             return self._run_with(microbatch, args, handler)
 
         return run_step_to_end(run, lambda _first_stage_input: self.pipeline.stage(activation), self.sequential_name)
+
+    def _middle(self, g: int, activation: Any) -> Any:
+        return self._run_block_stage(self._device_microbatch(g), self.step_args(self._batch_of(g)), activation)
+
+    def _run_block_stage(self, microbatch: Any, args: tuple, activation: Any) -> Any:
+        """Microbatch's step as this rank's stage of the block list: its output, or the step's result (last)."""
+        assert self.blocks is not None
+        last = self.pp_rank == self.pp_size - 1
+        return self.blocks.run_stage(
+            self.pp_rank, activation, lambda: self.user_step(microbatch, *args), stop=not last
+        )
 
     def _run_with(self, microbatch: Any, args: tuple, handler: Callable[[Any], Any]) -> Any:
         self.pipelined.handler = handler

@@ -22,6 +22,7 @@ the pipeline state the strategy sets up (``pp_rank``, ``_pipelined``, ``_comm``,
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
@@ -31,8 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_pp.distributed.broadcasts import RepeatedBroadcast
 from lightning_pp.distributed.errors import named_failures
-from lightning_pp.distributed.objects import broadcast_object
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.parallel.gradients import (
     clip_grad_norm_across_stages,
@@ -134,28 +135,49 @@ class StepsMixin(PipelineStrategyState):
         finally:
             del module.log, module.log_dict
 
+    def _publisher(self) -> RepeatedBroadcast:
+        """The broadcast of the last stage's output and logs, for the running hook and the current groups.
+
+        One per hook (training, validation, ... steps share different values), so each
+        repeats its own layout and costs one small collective per step.
+        """
+        group = self._pp_cpu_group or self._pp_group
+        assert group is not None, "pp > 1 has a pipeline group once set up"
+        stage = self.module.trainer.state.stage
+        # stage -> (weak reference to its group, publisher): nothing here keeps a group alive
+        publishers: dict = self.__dict__.setdefault("_publishers", {})
+        known = publishers.get(stage)
+        if known is None or known[0]() is not group:  # first use, or new groups (every rank alike)
+            known = publishers[stage] = (
+                weakref.ref(group),
+                RepeatedBroadcast(
+                    group,
+                    dist.get_global_rank(group, self.pp_size - 1),
+                    operation="share the loss and logged values of the last stage over the pipeline",
+                    timeout=self._timeout,
+                ),
+            )
+        return known[1]
+
     def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
         """Sends the last stage's combined output and logs to every stage, then logs them."""
+        return self._publish_both(recorder, weights, output)[0]
+
+    def _publish_both(self, recorder: LogRecorder, weights: list[float], output: Any) -> tuple[Any, Any]:
+        """:meth:`_publish`, also returning the output's host copy (checked there without a device sync)."""
         module = self.module
         is_last = self.pp_rank == self.pp_size - 1
-        payload = None
+        payload: Any = None
         if is_last:
             logs = recorder.combined(weights)
             payload = map_tensors(torch.Tensor.cpu, (output, logs))
         if self.pp_size > 1:
-            group = self._pp_cpu_group or self._pp_group
-            assert group is not None, "pp > 1 has a pipeline group once set up"
-            payload = broadcast_object(
-                payload,
-                src=dist.get_global_rank(group, self.pp_size - 1),
-                group=group,
-                operation="share the loss and logged values of the last stage over the pipeline",
-                timeout=self._timeout,
-            )
+            payload = self._publisher()(payload)
+        host_output, _ = payload
         output, logs = map_tensors(lambda t: t.to(self.root_device), payload)
         for name, (value, log_kwargs) in logs.items():
             module.log(name, value, **log_kwargs)
-        return output
+        return output, host_output
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -164,7 +186,10 @@ class StepsMixin(PipelineStrategyState):
         scaler = getattr(self.precision_plugin, "scaler", None)
         accumulate = trainer.accumulate_grad_batches
         params: list[Tensor] = [p for p in self.module.parameters() if p.requires_grad]
-        previous = [p.grad for p in params]
+        # Lightning zeroes the gradients between this step and backward on the first batch
+        # of an accumulation window; then the old ones are garbage, and stashing them while
+        # the schedule makes new ones would hold two sets of gradients at once.
+        previous = [None if self._grads_will_be_zeroed(trainer) else p.grad for p in params]
         for p in params:
             p.grad = None
         microbatches, weights = self._split(batch)
@@ -189,28 +214,55 @@ class StepsMixin(PipelineStrategyState):
                 if isinstance(output, Tensor):
                     output = output.detach()
             waited_from = tracer.now() if tracer is not None else 0.0
-            output = self._publish(recorder, weights, output)
+            output, host_output = self._publish_both(recorder, weights, output)
             if tracer is not None:
                 # Time every stage spends waiting for the loss and logs of the last stage.
                 tracer.add_span("wait", waited_from, tracer.now())
         if self.check_finite_loss:
-            self._raise_if_not_finite(extract_loss(output), trainer, args[1] if len(args) > 1 else None)
+            self._raise_if_not_finite(extract_loss(host_output), trainer, args[1] if len(args) > 1 else None)
         new_grads = [p.grad for p in params]
         for p, grad in zip(params, previous):
             p.grad = grad
         self._pending_grads = self._reduce_gradients(params, new_grads)
         return output
 
+    def _grads_will_be_zeroed(self, trainer: "pl.Trainer") -> bool:
+        """Whether Lightning zeroes the gradients right after this ``training_step``, unseen by user code.
+
+        It does on the first batch of each accumulation window; a LightningModule or
+        callback that overrides ``on_before_zero_grad`` or ``optimizer_zero_grad`` could
+        still look at them, so then they are kept.
+        """
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        batch_idx = trainer.fit_loop.epoch_loop.batch_idx
+        if batch_idx % trainer.accumulate_grad_batches != 0:
+            return False
+        hooks = ("on_before_zero_grad", "optimizer_zero_grad")
+        if any(is_overridden(hook, self.module) for hook in hooks):
+            return False
+        callbacks = getattr(trainer, "callbacks", [])
+        return not any(is_overridden("on_before_zero_grad", callback) for callback in callbacks)
+
     def _raise_if_not_finite(self, loss: Tensor, trainer: "pl.Trainer", batch_idx: Any) -> None:
-        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        """One check per step, on the host copy of the loss every stage already has: no device sync.
+
+        With data parallelism the replicas agree over the CPU twin of their group when there is one.
+        """
+        finite = torch.isfinite(loss.detach().cpu()).all().to(torch.int32).reshape(1)
         if self.dp_size > 1:
             # Every replica must stop together, or the healthy ones wait forever.
+            assert self.topology is not None
+            cpu_group = self.topology.dp.cpu_group
+            group = cpu_group if cpu_group is not None else self._dp_group
+            if group is not cpu_group:
+                finite = finite.to(self.root_device)
             with named_failures(
                 "agree with the other data-parallel replicas whether the loss is finite",
-                self._dp_group,
+                group,
                 timeout=self._timeout,
             ):
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
         if not bool(finite.item()):
             raise FloatingPointError(
                 f"The training loss is not finite (this replica: {loss.item()}) at global step {trainer.global_step} "

@@ -115,18 +115,20 @@ def clip_grad_norm_across_stages(
             ``None`` when that is this rank alone.
     """
     params = [p for group in param_groups for p in group["params"] if p.grad is not None]
-    local = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        if counted(p):
-            local += p.grad.detach().double().pow(2).sum()
+    counted_grads = [p.grad.detach() for p in params if counted(p)]
+    # Per-tensor norms in the gradients' own dtype, as torch.nn.utils.clip_grad_norm_ takes
+    # them on one device (no float64 copy of every gradient); only the squared local norm,
+    # one scalar, goes over the group, in float32.
+    if counted_grads:
+        local = torch.nn.utils.get_total_norm(counted_grads, 2.0).to(device=device, dtype=torch.float32).pow(2)
+    else:
+        local = torch.zeros((), dtype=torch.float32, device=device)
     if group is not None:
         with named_failures("add up the gradient norm over the ranks of the replica (gradient clipping)", group):
             dist.all_reduce(local, group=group)
     total_norm = local.sqrt()
-    # The same formula as torch.nn.utils.clip_grad_norm_.
-    clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(clip_coef.to(p.grad.dtype))
+    # The same formula as torch.nn.utils.clip_grad_norm_, applied with one fused multiply per device and dtype.
+    torch.nn.utils.clip_grads_with_norm_(params, float(max_norm), total_norm)
     return total_norm
 
 

@@ -13,6 +13,14 @@ stage's output). The last stage runs ``step_fn`` in full, with the Sequential ca
 answered by its own stage applied to the activation it received, so the user's
 loss code runs unchanged. Middle stages only apply their layers.
 
+Communication follows the schedule's order, with two liberties that cannot
+create a wait the proven order does not have: sends are posted and waited for at
+the end of the step (their buffers kept until then), and the rank's next receive
+is posted before the compute that precedes it, so its data lands meanwhile. Where
+posted sends block nothing (gloo; not NCCL, whose transfers between two ranks
+run in posting order on one stream), the sends between two computes are also
+posted before the receives there (:func:`sends_first`).
+
 A zero-bubble schedule splits a backward in two
 (:class:`~lightning_pp.pipeline.backward_split.SplitBackward`): ``I``
 back-propagates to the stage's received inputs only and keeps the graph; the
@@ -27,19 +35,26 @@ and ``W`` runs the whole backward.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from lightning_pp.distributed.p2p import PipeComm, flatten_payload
+from lightning_pp.distributed.p2p import PipeComm, PostedRecv, flatten_payload
 from lightning_pp.pipeline.backward_split import SplitBackward
 from lightning_pp.pipeline.block_stage import BlockPipeline
 from lightning_pp.pipeline.recorder import TraceRecorder
 from lightning_pp.pipeline.schedules import Action, Op, Schedule
 from lightning_pp.tree import map_tensors
 
-__all__ = ["PipelineExecutor", "SequentialCallError", "StepFn", "run_step_to_end", "run_step_to_first_stage"]
+__all__ = [
+    "PipelineExecutor",
+    "SequentialCallError",
+    "StepFn",
+    "run_step_to_end",
+    "run_step_to_first_stage",
+    "sends_first",
+]
 
 StepFn = Callable[[int, Callable[[Any], Any]], Any]
 LossFn = Callable[[int, Any], torch.Tensor]
@@ -118,6 +133,83 @@ def _tensors(payload: Any) -> list[Optional[torch.Tensor]]:
     return flatten_payload(payload)[1]
 
 
+def sends_first(actions: Sequence[Action]) -> tuple[Action, ...]:
+    """``actions`` with, between each two computes, the sends moved ahead of the receives.
+
+    Only for sends that never block their sender (posted, waited for at the end of
+    the step): a send then cannot hold anyone up, and posting it before this rank
+    waits in a receive lets the peer go on sooner (in 1F1B's steady state an odd rank
+    receives its next input first and only then sends the gradient the previous rank
+    waits for). Each send still follows the compute that made its payload, and
+    receives keep their order, so the schedule's proof under blocking sends carries
+    over. Where a posted send blocks until its receiver is there -- XCCL's ``isend`` on
+    the host, NCCL's on the pair's stream -- the proven order must be kept, and is
+    (``PipeComm.sends_never_block``).
+    """
+    out: list[Action] = []
+    gap: list[Action] = []
+    for action in actions:
+        if action.op.is_compute:
+            out += [a for a in gap if a.op.is_send] + [a for a in gap if a.op.is_recv] + [action]
+            gap = []
+        else:
+            gap.append(action)
+    return tuple(out + [a for a in gap if a.op.is_send] + [a for a in gap if a.op.is_recv])
+
+
+def _receive_args(action: Action) -> tuple[str, tuple[Op, int]]:
+    """What a receive carries (for error messages) and its channel: the sending action's op and stage."""
+    if action.op is Op.RECV_ACT:
+        return f"the input of stage {action.stage}, microbatch {action.microbatch},", (Op.SEND_ACT, action.stage - 1)
+    what = f"the output gradients of stage {action.stage}, microbatch {action.microbatch},"
+    return what, (Op.SEND_GRAD, action.stage + 1)
+
+
+class _ReceiveAhead:
+    """Posts a rank's next receive before the compute that precedes it, so its data lands meanwhile.
+
+    One receive ahead at most, posted only once every earlier receive completed:
+    receives stay in the schedule's order, and a posted receive blocks no one on the
+    host. Where transfers run in posting order on a device stream (NCCL: one stream
+    per pair of ranks, a send waiting there for its receiver), a receive posted ahead
+    of a send to the same peer could wait behind the send the peer needs first; so
+    there it is posted ahead only when no send to that peer lies in between.
+    """
+
+    def __init__(self, actions: tuple[Action, ...], comm: Optional[PipeComm]) -> None:
+        self.actions, self.comm = actions, comm
+        self.may_pass_sends = comm is not None and comm.sends_never_block
+        self.receives = [i for i, a in enumerate(actions) if a.op.is_recv]
+        self.next = 0  # position in `receives` of the first receive neither posted nor done
+        self.posted: dict[int, PostedRecv] = {}
+
+    def post_next(self, index: int) -> None:
+        if self.comm is None or self.posted or self.next >= len(self.receives):
+            return
+        j = self.receives[self.next]
+        if j > index:
+            action = self.actions[j]
+            if not self.may_pass_sends and any(
+                a.op.is_send and a.peer == action.peer for a in self.actions[index + 1 : j]
+            ):
+                return
+            what, channel = _receive_args(action)
+            assert action.peer is not None
+            self.posted[j] = self.comm.post_recv(action.peer, channel=channel, what=what)
+            self.next += 1
+
+    def receive(self, index: int) -> Any:
+        if self.comm is None:
+            raise RuntimeError("This schedule sends between ranks but the executor has no PipeComm.")
+        action = self.actions[index]
+        what, channel = _receive_args(action)
+        handle = self.posted.pop(index, None)
+        if handle is None:
+            self.next += 1
+        assert action.peer is not None
+        return self.comm.recv(action.peer, what=what, channel=channel, posted=handle)
+
+
 class PipelineExecutor:
     """Executes a schedule's actions for one pipeline rank.
 
@@ -178,14 +270,18 @@ class PipelineExecutor:
         self.peak_live_activations = 0
         keep_graph = not self.schedule.forward_only
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
-        for action in self.schedule.actions[self.pp_rank]:
+        actions = self.schedule.actions[self.pp_rank]
+        if self.comm is not None and self.comm.sends_never_block:
+            actions = sends_first(actions)
+        ahead = _ReceiveAhead(actions, self.comm)
+        for index, action in enumerate(actions):
             start = tracer.now() if tracer is not None else 0.0
             key = (action.stage, action.microbatch)
             op = action.op
+            if op.is_compute:
+                ahead.post_next(index)
             if op is Op.RECV_ACT:
-                inputs[key] = self._comm().recv(
-                    self._peer(action), what=f"the input of stage {action.stage}, microbatch {action.microbatch},"
-                )
+                inputs[key] = ahead.receive(index)
             elif op is Op.FORWARD:
                 out = self._forward(action, inputs.get(key), step_fn, results, loss_fn)
                 if not keep_graph:
@@ -194,12 +290,15 @@ class PipelineExecutor:
                 self.peak_live_activations = max(self.peak_live_activations, len(outputs))
             elif op is Op.SEND_ACT:
                 out = outputs[key] if keep_graph else outputs.pop(key)
-                self._comm().send(out, self._peer(action), where=f"the output of pipeline stage {action.stage}")
-            elif op is Op.RECV_GRAD:
-                grads[key] = self._comm().recv(
+                self._comm().send(
+                    out,
                     self._peer(action),
-                    what=f"the output gradients of stage {action.stage}, microbatch {action.microbatch},",
+                    where=f"the output of pipeline stage {action.stage}",
+                    wait=False,
+                    channel=(Op.SEND_ACT, action.stage),
                 )
+            elif op is Op.RECV_GRAD:
+                grads[key] = ahead.receive(index)
             elif op is Op.BACKWARD:
                 self._backward(action, outputs.pop(key), grads.pop(key, None))
                 input_grads[key] = [
@@ -218,13 +317,23 @@ class PipelineExecutor:
                     # split left saved in it -- alive until the step ends: hand it back detached.
                     results[key[1]] = map_tensors(torch.Tensor.detach, results[key[1]])
             elif op is Op.SEND_GRAD:
-                self._comm().send(input_grads.pop(key), self._peer(action), where="input gradients")
+                self._comm().send(
+                    input_grads.pop(key),
+                    self._peer(action),
+                    where="input gradients",
+                    wait=False,
+                    channel=(Op.SEND_GRAD, action.stage),
+                )
             else:  # pragma: no cover - the schedule validator rules this out
                 raise ValueError(f"unknown action {action}")
             if tracer is not None:
                 tracer.record(action, start, tracer.now())
         if not keep_graph:
             outputs.clear()
+        if self.comm is not None:
+            # Sends were posted without waiting (the schedule's order is unchanged, so it
+            # stays proven under blocking sends); the step ends when they are done.
+            self.comm.wait_sends()
         return results
 
     # -- pieces ----------------------------------------------------------------------------

@@ -205,6 +205,9 @@ class StreamingPipeline:
             whole step with the pipelined call answered by the last stage applied
             to ``activation``; returns the step's result.
         on_result: first rank only: receives ``(g, result)`` for every microbatch, in order.
+        middle: middle ranks: ``middle(g, activation)`` returns the rank's output for
+            microbatch ``g`` (default: ``stage(activation)``; a model pipelined by its
+            block list reruns microbatch ``g``'s step as this stage instead).
         overlap: run the ring exchanges on a communication thread, one tick behind
             compute (``lag=2``); ``False`` runs them inline (``lag=1``).
         platform: records an event after each compute that the communication thread
@@ -229,6 +232,7 @@ class StreamingPipeline:
         launch: Callable[[int], Any],
         finish: Callable[[int, Any], Any],
         on_result: Callable[[int, Any], None],
+        middle: Optional[Callable[[int, Any], Any]] = None,
         overlap: bool = True,
         platform: Optional[Any] = None,
         timeout: Optional[timedelta] = None,
@@ -240,6 +244,7 @@ class StreamingPipeline:
         self.comm = comm
         self.exists = exists
         self.launch, self.finish, self.on_result = launch, finish, on_result
+        self.middle = middle if middle is not None else lambda g, activation: self.stage(activation)
         self.overlap = overlap and pp_size > 1
         self.lag = 2 if self.overlap else 1
         self.platform = platform
@@ -286,7 +291,7 @@ class StreamingPipeline:
                 elif s == last:
                     output = self.finish(g, self._take_input(g))
                 else:
-                    output = self.stage(self._take_input(g))
+                    output = self.middle(g, self._take_input(g))
             transfers = ring_exchange(s, self.pp_size, t, self.exists, lag=self.lag)
             if self.overlap:
                 self._hand_over(t, transfers, output)
@@ -420,10 +425,12 @@ class StreamingPipeline:
                     "(comm may be None only when pp_size == 1)."
                 )
             g = transfer.microbatch
+            # Sends are posted, and waited for once the tick's receives are done: a send and
+            # a receive of one exchange are in flight together (the order is the proven one).
             if transfer.op == "send" and transfer.what == "activation":
-                comm.send(output, transfer.peer, where=f"the output of pipeline stage {self.pp_rank}")
+                comm.send(output, transfer.peer, where=f"the output of pipeline stage {self.pp_rank}", wait=False)
             elif transfer.op == "send":
-                comm.send(_encode_result(output), transfer.peer, where="a prediction")
+                comm.send(_encode_result(output), transfer.peer, where="a prediction", wait=False)
             elif transfer.what == "activation":
                 received = comm.recv(transfer.peer)
                 with self._cond:
@@ -431,6 +438,8 @@ class StreamingPipeline:
                     self._cond.notify_all()
             else:
                 self.on_result(g, _decode_result(comm.recv(transfer.peer)))
+        if comm is not None and transfers:
+            comm.wait_sends()
         with self._cond:
             self._exchanged = tick
             self._cond.notify_all()
