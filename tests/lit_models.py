@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Block", "LitLM", "TiedLM", "TokenData", "TokensOnly", "make_loader", "trainer_kwargs"]
+__all__ = ["Block", "LitLM", "TiedLM", "TokenData", "TokensOnly", "LabelledIds", "make_loader", "trainer_kwargs"]
 
 VOCAB, DIM = 32, 16
 
@@ -85,6 +85,19 @@ class TokensOnly(Dataset):
 
     def __getitem__(self, i):
         return self.data[i][0]
+
+
+class LabelledIds(Dataset):
+    """``{"input_ids", "labels"}`` rows of random token ids, as a Hugging Face causal LM takes them."""
+
+    def __init__(self, vocab: int, seq_len: int, num_items: int = 20, seed: int = 0) -> None:
+        self.ids = torch.randint(0, vocab, (num_items, seq_len), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def varying_length_collate(items):

@@ -262,14 +262,22 @@ def test_public_names_are_unchanged():
         sorted(
             [
                 "CollectiveError",
+                "GenerationModule",
+                "GenerationProgress",
                 "NPUAccelerator",
                 "PPStrategy",
                 "PipeCommError",
                 "Platform",
+                "PromptDataset",
+                "ScoreDataset",
+                "StreamingPredictionWriter",
                 "XPUAccelerator",
                 "__version__",
+                "collate_prompts",
                 "consolidate_checkpoint",
                 "current_platform",
+                "load_hf_checkpoint",
+                "read_predictions",
                 "use_platform",
             ]
         )

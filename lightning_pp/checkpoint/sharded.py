@@ -231,7 +231,11 @@ def gather_param_group_names(
     for o in range(len(optimizers)):
         groups = []
         for g in range(len(optimizers[o].param_groups)):
-            merged = {name: key for rank_local in gathered for key, name in rank_local[o][g]}
+            merged: dict[str, tuple[int, ...]] = {}
+            for rank_local in gathered:
+                for key, name in rank_local[o][g]:
+                    # A weight tied across stages is reported by each holder; the earliest place is one device's.
+                    merged[name] = min(key, merged.get(name, key))
             groups.append(sorted(merged, key=merged.__getitem__))
         result.append(groups)
     return result

@@ -41,16 +41,17 @@ class CheckpointMixin(PipelineStrategyState):
         return True
 
     def _param_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.module.named_parameters()}
+        # A weight tied across stages goes by its one-device name on every holder.
+        return {id(p): self._tied_names.get(id(p), name) for name, p in self.module.named_parameters()}
 
     def _param_group_names(self) -> list[list[list[str]]]:
         """Every optimizer group's parameter names over the pipeline, in one-device order (collective)."""
-        return gather_param_group_names(
-            self.optimizers,
-            self._param_names(),
-            param_order_key(self.module),
-            self._pp_cpu_group or self._pp_group,
-        )
+        order = param_order_key(self.module)
+        for p_name, p in self.module.named_parameters():
+            if id(p) in self._tied_names:  # placed where this copy is; the holder of the first name places it right
+                order[self._tied_names[id(p)]] = order[p_name]
+        group = self._pp_cpu_group or self._pp_group
+        return gather_param_group_names(self.optimizers, self._param_names(), order, group)
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:

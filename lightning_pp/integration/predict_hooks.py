@@ -132,7 +132,7 @@ class PredictMixin(PipelineStrategyState):
         feed = self._predict_feed(dataloader_idx)
         if feed is None:
             return None
-        assert self._pipelined is not None and self._predict_streams is not None
+        assert (self._pipelined or self._blocks) is not None and self._predict_streams is not None
         stream = self._predict_streams.get(dataloader_idx)
         if stream is not None and stream.feed is feed:
             return stream
@@ -156,10 +156,17 @@ class PredictMixin(PipelineStrategyState):
                 return batch
             return module._apply_batch_transfer_handler(batch, device=self.root_device, dataloader_idx=dataloader_idx)
 
+        stage: torch.nn.Module
+        if self._pipelined is not None:
+            stage = self._pipelined.stages[self.pp_rank]
+        else:  # a block list: each stage runs the user's step as that stage (blocks=...)
+            assert self._blocks is not None
+            stage = self._blocks.container
         stream = PredictStream(
             feed,
-            stage=self._pipelined.stages[self.pp_rank],
+            stage=stage,
             pipelined=self._pipelined,
+            blocks=self._blocks,
             user_step=module.predict_step,
             step_args=step_args,
             prepare=prepare,
@@ -202,8 +209,7 @@ class PredictMixin(PipelineStrategyState):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if drives_own_pipeline(module):
             return dataloader
-        # A block list predicts batch by batch for now (one forward-only schedule each).
-        streams = self._predict_streaming and self.virtual_stages == 1 and self._blocks is None
+        streams = self._predict_streaming and self.virtual_stages == 1
         if streams and trainer is not None and trainer.predicting:
             return PredictFeed(dataloader)
         return super().process_dataloader(dataloader)

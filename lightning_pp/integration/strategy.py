@@ -21,8 +21,9 @@ import atexit
 import gc
 import warnings
 import weakref
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Generator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -45,6 +46,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_pp.checkpoint.hf import checkpoint_covers, load_pending_hf_checkpoints
 from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.interrupts import install_interrupt_escalation
 from lightning_pp.distributed.objects import barrier, broadcast_object
@@ -71,6 +73,7 @@ from lightning_pp.parallel.model_parallel import (
 )
 from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
 from lightning_pp.pipeline.block_stage import partition_block_list, plan_block_split
+from lightning_pp.pipeline.materialize import has_meta_tensors, materialize_meta_tensors
 from lightning_pp.pipeline.schedules import normalise_schedule_name
 from lightning_pp.pipeline.stage import (
     capture_sequential_input,
@@ -79,6 +82,7 @@ from lightning_pp.pipeline.stage import (
     plan_module_split,
     uses_block_list,
 )
+from lightning_pp.pipeline.ties import TiedParameter
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.tracing.trace import StepTracer, TraceOptions
 
@@ -251,6 +255,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self._outside_param_ids = frozenset()
         self._tied_parameters = []
         self._tie_groups = {}
+        self._tied_names = {}
 
     # -- Lightning plumbing ------------------------------------------------------------
     @property
@@ -445,7 +450,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
         self.accelerator.setup(trainer)
         num_stages = self.pp_size * self.virtual_stages
-        local_stages = [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
+        local_stages = self._local_stages()
         block_list = uses_block_list(self.module, self.sequential_name)
         if self.balance == "time" and block_list:
             raise ValueError(
@@ -473,14 +478,21 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
                 balance=self.balance,
             )
             self._blocks = None
+        materialized = self._materialize_stage()
         self._pipelined_param_ids = frozenset(id(p) for p in self._stage_parameters())
         # Parameters the module uses outside the Sequential are copies held by every stage
-        # (also one a layer of the Sequential shares, e.g. a head tied to layer 0).
-        prefix = self._pipelined_attr + "."
+        # (also one a layer of the Sequential shares, e.g. a head tied to layer 0). A block
+        # list's outside modules live on one stage each: only parameters registered directly
+        # on an ancestor of the blocks are left on every stage.
+        prefixes: tuple[str, ...] = (self._pipelined_attr + ".",)
+        if self._blocks is not None:
+            prefixes += tuple(path + "." for path in self._blocks.placed)
         self._outside_param_ids = frozenset(
-            id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)
+            id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefixes)
         )
         self._tied_parameters = self._tied_parameter_groups()
+        if materialized is not None:
+            self._sync_materialized(materialized)
         stage_module = self._stage_module()
         self._cp_partial_ids = cp_partial_parameter_ids(stage_module) if self.cp_size > 1 else frozenset()
         # Copies over the pipeline (outside the Sequential, or tied across stages) and the
@@ -542,13 +554,26 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         once per layout (kept with the topology's groups).
         """
         assert self.topology is not None
-        if self._pipelined is None:
-            return []  # a block list: what its blocks share with the rest of the model is on every stage
         shape = self.topology.shape
-        local_layers = [i for indices in self._pipelined.stage_slices.values() for i in indices]
-        named = dict(self._pipelined.named_parameters(remove_duplicate=False))
+        self._tied_names = {}
+        if self._blocks is not None:
+            prefix = ""
+            ties, named = self._blocks.ties, dict(self.module.named_parameters(remove_duplicate=False))
+
+            def local_name(tie: TiedParameter) -> str:
+                return tie.held_name(named)
+
+        else:
+            assert self._pipelined is not None
+            prefix = self._pipelined_attr + "."
+            local_layers = [i for indices in self._pipelined.stage_slices.values() for i in indices]
+            ties, named = self._pipelined.ties, dict(self._pipelined.named_parameters(remove_duplicate=False))
+
+            def local_name(tie: TiedParameter) -> str:
+                return tie.local_name(local_layers)
+
         mine: list[tuple[Tensor, dist.ProcessGroup, bool]] = []
-        for tie in self._pipelined.ties:
+        for tie in ties:
             pp_ranks = sorted({stage % self.pp_size for stage in tie.stages})
             if len(pp_ranks) == 1:
                 continue  # interleaved stages of one rank: one copy, nothing to sum
@@ -560,9 +585,58 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
                         if group is None:
                             group = self._tie_groups[ranks] = dist.new_group(list(ranks), timeout=self._timeout)
                         if self.global_rank in ranks:
-                            param = named[tie.local_name(local_layers)]
+                            param = named[local_name(tie)]
                             mine.append((param, group, self.global_rank == ranks[0]))
+                            self._tied_names[id(param)] = prefix + tie.names[0]
         return mine
+
+    def _materialize_stage(self) -> Optional[list[str]]:
+        """Allocates and initialises (or reads from a pending checkpoint) this rank's meta-device tensors.
+
+        Returns the names of the tensors initialised here (not read), which replicas
+        and tie holders must then agree on; ``None`` when nothing was on the meta device.
+        """
+        module = self.module
+        if not has_meta_tensors(module):
+            return None
+        where = f"pipeline stage {', '.join(str(s) for s in self._local_stages())} (global rank {self.global_rank})"
+        initialised = materialize_meta_tensors(module, self.root_device, loaded=checkpoint_covers(module))
+        load_pending_hf_checkpoints(module, where=where)
+        return initialised
+
+    def _local_stages(self) -> list[int]:
+        return [self.pp_rank + v * self.pp_size for v in range(self.virtual_stages)]
+
+    def _sync_materialized(self, initialised: list[str]) -> None:
+        """Makes freshly initialised tensors agree: over data-parallel replicas, and over the holders of a tie.
+
+        Every rank initialised its stage with its own random numbers; replicas of a
+        stage must start equal (DDP broadcasts rank 0's module the same way), and so must
+        the copies of a weight tied across stages.
+        """
+        names = set(initialised)
+        if self.dp_size > 1 and self._dp_group is not None:
+            src = dist.get_global_rank(self._dp_group, 0)
+            for name, tensor in sorted(self.module.state_dict(keep_vars=True).items()):
+                if name in names:
+                    with named_failures("agree on the initial weights over the data-parallel replicas", self._dp_group):
+                        dist.broadcast(tensor.data, src=src, group=self._dp_group)
+        for param, group, _ in self._tied_parameters:  # the same order on every holder
+            with named_failures("agree on the initial value of a weight tied across stages", group):
+                dist.broadcast(param.data, src=dist.get_global_rank(group, 0), group=group)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` builds on the meta device; each rank materialises its stage.
+
+        The split happens in ``setup``: a rank then allocates and initialises only
+        its own stage's tensors (or reads them, see
+        :func:`lightning_pp.checkpoint.load_hf_checkpoint`), never the whole model.
+        """
+        device = torch.device("meta") if empty_init else nullcontext()
+        with device, self.precision_plugin.tensor_init_context():
+            yield
 
     def _activation_dtype(self) -> torch.dtype:
         """The dtype the stage's fused all-reduces will see: the autocast dtype, else the parameters'."""

@@ -58,6 +58,9 @@ class PipelineStrategyState(ParallelStrategy):
         _tied_parameters: this rank's copies of weights that layers of several stages
             share, each with the group of its holders and whether this rank counts it
             in the global norm; ``_tie_groups`` holds those groups by global ranks.
+        _tied_names: the one-device name of this rank's copy of each tied weight
+            (``transformer.wte.weight`` for the last stage's ``lm_head.weight``), so its
+            optimizer state is saved and found under one name on every holder.
         _cp_partial_ids: parameters whose gradients are summed over cp.
         _counted_in_norm: which gradients this rank counts in the global norm.
 
@@ -93,6 +96,7 @@ class PipelineStrategyState(ParallelStrategy):
     _outside_param_ids: frozenset[int]
     _tied_parameters: list[tuple[Tensor, dist.ProcessGroup, bool]]
     _tie_groups: dict[tuple[int, ...], dist.ProcessGroup]
+    _tied_names: dict[int, str]
     _cp_partial_ids: frozenset[int]
     _counted_in_norm: Optional[Callable[[Tensor], bool]]
 

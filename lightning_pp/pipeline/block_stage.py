@@ -14,23 +14,31 @@ list behave, for the duration of one stage's forward, as that stage alone:
 * on every stage but the last, the step stops right after the stage's last block,
   whose output is what goes to the next stage.
 
-Everything outside the block list (embeddings, norms, the head, the loss) stays on
-every stage and runs as written, which is also why values the model derives from
-the batch between blocks (rotary tables, attention masks, position ids) need not
-travel: each stage recomputes them. Only the activation crosses ranks: a block's
-first argument, and its output (the first element when it returns a tuple).
+Modules outside the block list that hold parameters live only on the stage that
+runs them (:mod:`lightning_pp.pipeline.placement`): what comes before the blocks on
+the first stage, what comes after them on the last; elsewhere a placeholder returns
+a free stand-in of the right shape and dtype. Parameter-free modules (rotary tables,
+dropout) and the rest of the step run on every stage as written, which is why values
+the model derives from the batch between blocks (rotary tables, attention masks,
+position ids) need not travel: each stage recomputes them. Only the activation
+crosses ranks: a block's first argument, and its output (the first element when it
+returns a tuple).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_pp.distributed.errors import PayloadError
 from lightning_pp.pipeline.blocks import BlockContainer, BlockList, find_block_list
+from lightning_pp.pipeline.placement import Unheld, check_no_unheld, outside_modules, replace_module
 from lightning_pp.pipeline.split import plan_stage_split
+from lightning_pp.pipeline.ties import TiedParameter, find_module_ties
+from lightning_pp.tree import leaf_paths, tree_leaves
 
 __all__ = [
     "BlockCallError",
@@ -64,6 +72,26 @@ class PassThrough(nn.Module):
 def _activation(output: Any) -> Any:
     """What a block passes on: its output, or the first element of a tuple/list output."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _check_sendable(activation: Any, index: int, path: str) -> None:
+    """Fails, naming the block, when what a stage's last block passes on cannot go to the next stage.
+
+    Raised on the sending stage before anything is sent (the transfer would fail deeper,
+    in the point-to-point layer, without naming the block list).
+    """
+    leaves = tree_leaves(activation)
+    paths = leaf_paths(activation)
+    bad = [(paths[i], leaf) for i, leaf in enumerate(leaves) if leaf is not None and not isinstance(leaf, Tensor)]
+    if bad or not any(isinstance(leaf, Tensor) for leaf in leaves):
+        where, leaf = bad[0] if bad else ("", activation)
+        what = f"{type(leaf).__name__}" + (f" at {where}" if where else "")
+        raise PayloadError(
+            f"Block {index} of {path} (the last block of its pipeline stage) passed on {what}, which cannot be "
+            "sent to the next stage. A block must return its hidden states as a tensor, or a tuple whose first "
+            "element is that tensor (or a tuple/list/dict of tensors): only that goes to the next block. Return "
+            "other values from the block as tensors, or compute them outside the block list."
+        )
 
 
 @dataclass
@@ -106,6 +134,12 @@ class BlockPipeline:
         self._span: Optional[_Span] = None
         #: ``(num_stages, balance, local stages)`` the split was made for.
         self.layout: tuple = ()
+        #: Parameters used on several stages (a head tied to the embedding), by full names.
+        self.ties: tuple[TiedParameter, ...] = ()
+        #: The modules outside the block list this rank holds, by dotted name from the root.
+        self.placed: dict[str, nn.Module] = {}
+        #: Whether some module outside the block list is a placeholder here.
+        self.has_unheld = False
 
     # -- hooks -------------------------------------------------------------------------------
     def _before(self, index: int) -> Callable[..., Any]:
@@ -138,7 +172,37 @@ class BlockPipeline:
             span = self._span
             if span is not None and index == span.last and span.stop:
                 span.output = _activation(output)
+                _check_sendable(span.output, index, self.path)
                 raise _StageDone
+
+        return hook
+
+    def outside_call_check(self, name: str, before: bool) -> Callable[..., Any]:
+        """A forward pre-hook for a module outside the blocks, placed as coming ``before`` them or after.
+
+        The placement follows registration order; a module called on the other side of
+        the blocks would be computed on the wrong stage (or stood in for with zeros), so
+        its first such call fails, naming the module and what to change.
+        """
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            span = self._span
+            if span is None:
+                return
+            if before and span.next_block != span.first:
+                when, where = f"after block {span.next_block - 1} of {self.path}", "before"
+            elif not before and span.next_block != span.last + 1:
+                when, where = f"before the last block of {self.path} had run", "after"
+            else:
+                return
+            raise BlockCallError(
+                f"The step called {name} {when}, but {name} is registered {where} {self.path} in the model. "
+                f"PPStrategy keeps each module outside a block list on one stage, chosen by registration order "
+                f"(registered before the list: the first stage; after it: the last stage). Register {name} "
+                f"{'after' if before else 'before'} {self.path} in __init__ so the order matches the calls; a module "
+                "called both before and after the blocks (or by the blocks) cannot live on one stage: move it into "
+                "the blocks, or give each use its own module."
+            )
 
         return hook
 
@@ -179,6 +243,8 @@ class BlockPipeline:
                 try:
                     result = run_step()
                 except _StageDone:
+                    if self.has_unheld:
+                        check_no_unheld(span.output, stage, "the activation it sends on", self.path)
                     return span.output
         finally:
             self._span = None
@@ -189,12 +255,14 @@ class BlockPipeline:
             )
         if stop:
             raise BlockCallError(f"The step returned before reaching block {span.last} of {self.path}.")
+        if self.has_unheld:
+            check_no_unheld(result, stage, "the step's result", self.path)
         return result
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters of this rank's blocks."""
+        """The parameters of this rank's blocks and of the modules outside the blocks it holds."""
         seen: set[int] = set()
-        for block in self._blocks.values():
+        for block in (*self._blocks.values(), *self.placed.values()):
             for p in block.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -217,11 +285,24 @@ def plan_block_split(
 ) -> tuple[BlockList, list[range]]:
     """The block list and each stage's blocks, checked but not applied (balanced by parameter count).
 
+    Stages are balanced by the parameters they hold: the first stage's count includes
+    the modules before the blocks, the last stage's those after them.
+
     Raises:
         ValueError: no block list (or an ambiguous one), fewer blocks than stages, a bad ``balance``.
     """
     found = find_block_list(root, name)
     weights = [sum(p.numel() for p in block.parameters()) for block in found.container]
+    if balance is None and len(weights) < num_stages:
+        raise ValueError(
+            f"{type(root).__name__}.{found.path} has {len(weights)} blocks, fewer than the {num_stages} pipeline "
+            "stages: every stage needs at least one block. Use a pipeline_parallel_size (times virtual_stages, "
+            f"with Interleaved1F1B) of at most {len(weights)}, or name a longer block list with "
+            "PPStrategy(sequential='dotted.path')."
+        )
+    # The first stage also holds what comes before the blocks (embeddings), the last what follows (norm, head).
+    for _, module, before in outside_modules(root, found.path):
+        weights[0 if before else -1] += sum(p.numel() for p in module.parameters())
     try:
         slices = plan_stage_split(weights, num_stages, balance)
     except ValueError as error:
@@ -253,7 +334,25 @@ def partition_block_list(
             )
         return pipeline
     found, slices = plan_block_split(root, name=name, num_stages=num_stages, balance=balance)
+    # Modules outside the blocks go to the stage that runs them: before -> first, after -> last.
+    last = num_stages - 1
+    outside = outside_modules(root, found.path)
+    placed = [(path, module, 0 if before else last) for path, module, before in outside]
+    blocks = [(f"{found.path}.{i}", found.container[i], stage) for stage, indices in enumerate(slices) for i in indices]
+    # A tie's first name is the one one device reports (named_parameters keeps the first).
+    order = {name: i for i, (name, _) in enumerate(root.named_parameters(remove_duplicate=False))}
+    ties = [replace(t, names=tuple(sorted(t.names, key=order.__getitem__))) for t in find_module_ties(blocks + placed)]
     pipeline = BlockPipeline(found.container, found.path, {stage: slices[stage] for stage in local_stages})
+    for (path, module, stage), (_, _, before) in zip(placed, outside):
+        if stage in local_stages:
+            pipeline.placed[path] = module
+        else:
+            module = Unheld(module, path, stage)
+            replace_module(root, path, module)
+            pipeline.has_unheld = True
+        if num_stages > 1:
+            module.register_forward_pre_hook(pipeline.outside_call_check(path, before))
     pipeline.layout = layout
+    pipeline.ties = tuple(ties)
     object.__setattr__(found.container, _INSTALLED, pipeline)
     return pipeline

@@ -12,11 +12,11 @@ other and to the one-device weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Container, Sequence
 
 from torch import nn
 
-__all__ = ["TiedParameter", "find_cross_stage_ties"]
+__all__ = ["TiedParameter", "find_cross_stage_ties", "find_module_ties"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class TiedParameter:
                 return name
         raise ValueError(f"none of {self.names} is in layers {list(local_layers)}")
 
+    def held_name(self, present: Container[str]) -> str:
+        """The first of its names among ``present`` (a rank's parameter names)."""
+        for name in self.names:
+            if name in present:
+                return name
+        raise ValueError(f"none of {self.names} is held here")
+
 
 def find_cross_stage_ties(sequential: nn.Module, slices: Sequence[range]) -> list[TiedParameter]:
     """The parameters that layers of more than one stage use, in order of first use.
@@ -54,6 +61,26 @@ def find_cross_stage_ties(sequential: nn.Module, slices: Sequence[range]) -> lis
             uses.setdefault(id(param), []).append((f"{index}.{name}", stage_of[index]))
     ties = []
     for named in uses.values():  # dicts keep insertion order: the order of first use
+        stages = tuple(sorted({stage for _, stage in named}))
+        if len(stages) > 1:
+            ties.append(TiedParameter(tuple(name for name, _ in named), stages))
+    return ties
+
+
+def find_module_ties(units: Sequence[tuple[str, nn.Module, int]]) -> list[TiedParameter]:
+    """The parameters that modules placed on more than one stage use, in order of first use.
+
+    Args:
+        units: ``(dotted name, module, stage)`` for every block and every placed module
+            of a model pipelined by its block list, before the split. Names in the
+            result are full parameter names (``"lm_head.weight"``).
+    """
+    uses: dict[int, list[tuple[str, int]]] = {}
+    for prefix, module, stage in units:
+        for name, param in module.named_parameters(remove_duplicate=False):
+            uses.setdefault(id(param), []).append((f"{prefix}.{name}", stage))
+    ties = []
+    for named in uses.values():
         stages = tuple(sorted({stage for _, stage in named}))
         if len(stages) > 1:
             ties.append(TiedParameter(tuple(name for name, _ in named), stages))

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lit_models import trainer_kwargs
+from lit_models import LabelledIds, trainer_kwargs
 from multirank import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -23,15 +23,8 @@ pytestmark = pytest.mark.slow
 VOCAB, SEQ = 48, 8
 
 
-class Ids(Dataset):
-    def __init__(self, num_items: int = 20, seed: int = 0) -> None:
-        self.ids = torch.randint(0, VOCAB, (num_items, SEQ), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def Ids(num_items: int = 20, seed: int = 0) -> LabelledIds:
+    return LabelledIds(VOCAB, SEQ, num_items, seed)
 
 
 class Block(nn.Module):
@@ -54,7 +47,8 @@ class LoopLM(L.LightningModule):
 
     def logits(self, ids):
         h = self.embed(ids)
-        gate = torch.sigmoid(h.mean(dim=(1, 2), keepdim=True))  # per row; recomputed on every stage
+        # Derived from the batch, per row: recomputed on every stage (the embedding lives on the first only).
+        gate = torch.sigmoid(ids.float().mean(dim=1)[:, None, None] / VOCAB)
         for block in self.blocks:
             h = block(h, gate)
         return self.head(h)
