@@ -146,8 +146,12 @@ def _pp_rank(rank: int, world_size: int, kind: str, pp: int) -> dict:
 
 @pytest.mark.parametrize(
     "kind, world, pp",
-    [("loop", 2, 2), ("llama", 2, 2), ("gpt2", 2, 2), ("qwen3", 2, 2), ("llama", 4, 4), ("gpt2", 4, 2)],
-    ids=["user-loop-pp2", "llama-pp2", "gpt2-tied-pp2", "qwen3-tied-pp2", "llama-pp4", "gpt2-tied-dp2xpp2"],
+    [("loop", 2, 2), ("llama", 2, 2), ("gpt2", 2, 2), ("qwen3", 2, 2),
+     ("llama", 4, 4), ("gpt2", 4, 4), ("qwen3", 4, 4),
+     ("llama", 4, 2), ("gpt2", 4, 2), ("qwen3", 4, 2)],
+    ids=["user-loop-pp2", "llama-pp2", "gpt2-tied-pp2", "qwen3-tied-pp2",
+         "llama-pp4", "gpt2-tied-pp4", "qwen3-tied-pp4",
+         "llama-dp2xpp2", "gpt2-tied-dp2xpp2", "qwen3-tied-dp2xpp2"],
 )
 def test_block_lists_train_and_predict_as_one_device(kind, world, pp):
     if kind != "loop":
@@ -159,7 +163,8 @@ def test_block_lists_train_and_predict_as_one_device(kind, world, pp):
     assert len(results[0]["preds"]) == len(ref["preds"])
     for mine, theirs in zip(results[0]["preds"], ref["preds"]):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-    # Every rank holds the parts outside the block list and its own blocks, under the one-device names.
+    # Each rank holds its own blocks and the modules outside the list that its stage runs (a tied
+    # weight on each of its holders), under the one-device names; together they are the whole model.
     merged: dict[str, torch.Tensor] = {}
     for result in results:
         for name, value in result["state"].items():

@@ -105,7 +105,8 @@ def _pp_rank(rank: int, world_size: int, directory: str) -> dict:
     return results
 
 
-def test_meta_init_and_per_stage_loading_equal_one_device(tmp_path):
+@pytest.mark.parametrize("world", [2, 4], ids=["pp2", "dp2xpp2"])
+def test_meta_init_and_per_stage_loading_equal_one_device(tmp_path, world):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     saved = transformers.Qwen3ForCausalLM(_config())
@@ -118,10 +119,21 @@ def test_meta_init_and_per_stage_loading_equal_one_device(tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[record], **trainer_kwargs(max_epochs=1))
     ref = _fit_predict(trainer, LM(str(tmp_path)), record)
 
-    ranks = run_on_ranks(_pp_rank, 2, str(tmp_path), init_process_group=False, timeout=300)
+    ranks = run_on_ranks(_pp_rank, world, str(tmp_path), init_process_group=False, timeout=300)
     assert all(r["built_on_meta"] for r in ranks)
     for loaded in (True, False):
-        first, last = ranks[0][loaded], ranks[1][loaded]
+        # Replicas of a stage hold the same names and start from the same values (initialised
+        # on one replica and broadcast, or read by each).
+        by_stage: dict[tuple, list[dict]] = {}
+        for r in ranks:
+            by_stage.setdefault(tuple(r[loaded]["names"]), []).append(r[loaded])
+        assert len(by_stage) == 2 and all(len(replicas) == world // 2 for replicas in by_stage.values())
+        for replicas in by_stage.values():
+            for other in replicas[1:]:
+                for name, value in replicas[0]["start"].items():
+                    torch.testing.assert_close(other["start"][name], value, rtol=0, atol=0)
+        first, last = sorted((replicas[0] for replicas in by_stage.values()),
+                             key=lambda r: "model.model.embed_tokens.weight" not in r["names"])
         assert not first["meta"] and not last["meta"]
         # Each rank holds its own modules only: the embedding on the first, norm and (tied) head on the last.
         assert "model.model.embed_tokens.weight" in first["names"] and "model.lm_head.weight" not in first["names"]
@@ -140,7 +152,7 @@ def test_meta_init_and_per_stage_loading_equal_one_device(tmp_path):
     for mine, theirs in zip(ranks[0][True]["preds"], ref["preds"], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     # Without a checkpoint the model's own init ran on each stage: norms at one, weights with the config's std.
-    last = ranks[1][False]["start"]
+    last = next(r[False]["start"] for r in ranks if "model.lm_head.weight" in r[False]["names"])
     assert torch.equal(last["model.model.norm.weight"], torch.ones(16))
     std = float(last["model.model.layers.3.mlp.up_proj.weight"].std())
     assert 0.01 < std < 0.03, std
