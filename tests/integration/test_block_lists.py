@@ -62,6 +62,9 @@ class LoopLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self.training_step(batch, batch_idx))
 
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.training_step(batch, batch_idx))
+
     def predict_step(self, batch, batch_idx):
         return self.logits(batch["input_ids"])
 
@@ -82,6 +85,12 @@ class HFLM(L.LightningModule):
         out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
         self.log("train_loss", out.loss)
         return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
 
     def predict_step(self, batch, batch_idx):
         return self.model(input_ids=batch["input_ids"]).logits
@@ -125,9 +134,12 @@ def _run(make, devices: int, strategy) -> dict:
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[losses],
                         **trainer_kwargs(max_epochs=2))
     trainer.fit(model, DataLoader(Ids(20), batch_size=4))
+    held_out = DataLoader(Ids(6, seed=2), batch_size=4)
+    metrics = {**trainer.validate(model, held_out, verbose=False)[0], **trainer.test(model, held_out, verbose=False)[0]}
     preds = trainer.predict(model, DataLoader(Ids(6, seed=1), batch_size=4))
     return {
         "losses": losses.losses,
+        "metrics": metrics,
         "preds": preds,
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "rank": trainer.global_rank,
@@ -160,6 +172,10 @@ def test_block_lists_train_and_predict_as_one_device(kind, world, pp):
     results = run_on_ranks(_pp_rank, world, kind, pp, init_process_group=False, timeout=300)
     for result in results:
         torch.testing.assert_close(result["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    # validate and test after fit: the logged losses reach rank 0 as on one device.
+    assert sorted(results[0]["metrics"]) == sorted(ref["metrics"]) and len(ref["metrics"]) >= 2
+    for key, value in ref["metrics"].items():
+        torch.testing.assert_close(torch.tensor(results[0]["metrics"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6)
     assert len(results[0]["preds"]) == len(ref["preds"])
     for mine, theirs in zip(results[0]["preds"], ref["preds"]):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
