@@ -82,7 +82,7 @@ from lightning_pp.pipeline.stage import (
     plan_module_split,
     uses_block_list,
 )
-from lightning_pp.pipeline.ties import TiedParameter
+from lightning_pp.pipeline.ties import TiedParameter, check_tied_copies
 from lightning_pp.platform import distributed_backend_for, platform_for
 from lightning_pp.tracing.trace import StepTracer, TraceOptions
 
@@ -588,6 +588,11 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
                             param = named[local_name(tie)]
                             mine.append((param, group, self.global_rank == ranks[0]))
                             self._tied_names[id(param)] = prefix + tie.names[0]
+        # Every holder sees every copy's shape and dtype, so all of them refuse a tie that cannot be kept.
+        for held, group, _ in mine:
+            copies: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(copies, (self.global_rank, tuple(held.shape), str(held.dtype)), group=group)
+            check_tied_copies(self._tied_names[id(held)], copies)
         return mine
 
     def _materialize_stage(self) -> Optional[list[str]]:

@@ -16,7 +16,7 @@ from typing import Container, Sequence
 
 from torch import nn
 
-__all__ = ["TiedParameter", "find_cross_stage_ties", "find_module_ties"]
+__all__ = ["TiedParameter", "check_tied_copies", "find_cross_stage_ties", "find_module_ties"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,27 @@ class TiedParameter:
             if name in present:
                 return name
         raise ValueError(f"none of {self.names} is held here")
+
+
+def check_tied_copies(name: str, copies: Sequence[tuple[int, tuple[int, ...], str]]) -> None:
+    """Refuses a tie whose holders' copies cannot be summed element by element.
+
+    Args:
+        name: the tied weight's one-device name, for the message.
+        copies: ``(global rank, shape, dtype)`` of every holder's copy.
+
+    Raises:
+        ValueError: the copies differ in shape or dtype (a holder's layer sharded for
+            tensor parallelism, or converted to another dtype): summing their gradients
+            would fail on some ranks or, worse, mix unrelated elements.
+    """
+    if len({(tuple(shape), dtype) for _, shape, dtype in copies}) > 1:
+        held = ", ".join(f"rank {rank}: {tuple(shape)} {dtype}" for rank, shape, dtype in copies)
+        raise ValueError(
+            f"The weight {name} is tied across pipeline stages, but its copies differ ({held}), so their gradients "
+            "cannot be summed to keep them equal. Give every use of the tied weight the same shape and dtype on its "
+            "stage (do not shard one holder's layer for tensor parallelism, or convert only one), or untie it."
+        )
 
 
 def find_cross_stage_ties(sequential: nn.Module, slices: Sequence[range]) -> list[TiedParameter]:

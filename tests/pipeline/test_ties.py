@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lightning_pp.pipeline.ties import TiedParameter, find_cross_stage_ties
+from lightning_pp.pipeline.ties import TiedParameter, check_tied_copies, find_cross_stage_ties
 
 
 def _tied_lm(num_blocks: int = 4) -> nn.Sequential:
@@ -40,3 +40,17 @@ def test_several_ties_come_in_order_of_first_use():
         TiedParameter(("0.weight", "4.weight"), (0, 2)),
         TiedParameter(("1.bias", "3.bias"), (0, 1)),
     ]
+
+
+def test_copies_of_one_shape_and_dtype_are_accepted():
+    check_tied_copies("lm_head.weight", [(0, (8, 4), "torch.float32"), (3, (8, 4), "torch.float32")])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [(3, (4, 4), "torch.float32"), (3, (8, 4), "torch.bfloat16")],
+    ids=["sharded-holder", "converted-holder"],
+)
+def test_copies_that_cannot_be_summed_are_refused_naming_every_holder(other):
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied.*rank 0: \(8, 4\).*rank 3: .*or untie it"):
+        check_tied_copies("lm_head.weight", [(0, (8, 4), "torch.float32"), other])
