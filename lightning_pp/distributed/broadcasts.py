@@ -14,6 +14,11 @@ When the flag says the layout changed, the payload follows pickled, as before, a
 becomes the new layout. The first call has no layout yet anywhere, so it goes
 pickled directly. Every rank must call in the same order with the same ``src``
 (keep one instance per kind of message).
+
+A receiving rank may :meth:`~RepeatedBroadcast.post` its part of the next call ahead
+of time, once the layout is known: the source's buffer then lands while the rank
+is still busy (the last pipeline stage finishes a training step well before the
+first one), and the call that follows only collects it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.distributed as dist
 
 from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.objects import broadcast_object
+from lightning_pp.platform import distributed_backend_for
 from lightning_pp.tree import tree_flatten, tree_unflatten
 
 __all__ = ["RepeatedBroadcast"]
@@ -80,6 +86,7 @@ class RepeatedBroadcast:
         self._group = weakref.ref(group) if group is not None else None
         self.src, self.operation, self.timeout = src, operation, timeout
         self._layout: Optional[tuple[Any, list[Any]]] = None  # alike on every rank
+        self._posted: Optional[tuple[torch.Tensor, Any]] = None  # (buffer, work) of a receive posted ahead
         #: Calls that went pickled (the first, and each change of layout).
         self.num_pickled = 0
 
@@ -93,12 +100,35 @@ class RepeatedBroadcast:
             raise RuntimeError(f"The process group to {self.operation} over was released; build a new broadcast.")
         return group
 
+    def post(self) -> bool:
+        """Starts this rank's part of the next call now, so the source's buffer lands meanwhile.
+
+        Only on a receiving rank, once a layout is known (it sizes the buffer), and only
+        over a host (gloo) group: a posted collective waits in one of gloo's worker threads,
+        whereas on a device backend it would hold up the stream that later transfers
+        queue on. The next call completes it; calling again first does nothing.
+
+        Returns:
+            whether a receive is now posted.
+        """
+        if self._posted is not None:
+            return True
+        on_host = dist.get_backend(self.group) == distributed_backend_for("cpu")
+        if self._layout is None or dist.get_rank() == self.src or not on_host:
+            return False
+        buffer = torch.zeros(8 + _nbytes(self._layout[1]), dtype=torch.uint8)
+        with named_failures(self.operation, self.group, timeout=self.timeout):
+            work = dist.broadcast(buffer, src=self.src, group=self.group, async_op=True)
+        self._posted = (buffer, work)
+        return True
+
     def __call__(self, payload: Any = None) -> Any:
         """``payload`` of ``src``, on every rank (other ranks' arguments are ignored)."""
         is_src = dist.get_rank() == self.src
         if self._layout is not None:
             structure, described = self._layout
-            buffer = torch.zeros(8 + _nbytes(described), dtype=torch.uint8)
+            posted, self._posted = self._posted, None
+            buffer = posted[0] if posted is not None else torch.zeros(8 + _nbytes(described), dtype=torch.uint8)
             if is_src:
                 mine = _layout_of(payload)
                 if (mine[0], mine[1]) == (structure, described):
@@ -106,7 +136,10 @@ class RepeatedBroadcast:
                 else:
                     buffer[:8] = torch.tensor([1], dtype=torch.int64).view(torch.uint8)
             with named_failures(self.operation, self.group, timeout=self.timeout):
-                dist.broadcast(buffer, src=self.src, group=self.group)
+                if posted is not None:
+                    posted[1].wait()
+                else:
+                    dist.broadcast(buffer, src=self.src, group=self.group)
             if int(buffer[:8].view(torch.int64)[0]) == 0:
                 return _unpack(structure, described, buffer)
         self.num_pickled += 1

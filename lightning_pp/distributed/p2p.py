@@ -54,10 +54,10 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Optional, Protocol
+from types import TracebackType
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -135,9 +135,9 @@ class TorchTransport:
 class PostedRecv:
     """A receive posted ahead of time by :meth:`PipeComm.post_recv` (its header, maybe its predicted data)."""
 
-    def __init__(self, src: int, src_pp_rank: int, channel: Any, what: str, meta_device: torch.device) -> None:
+    def __init__(self, src: int, src_pp_rank: int, channel: Any, what: str) -> None:
         self.src, self.src_pp_rank, self.channel, self.what = src, src_pp_rank, channel, what
-        self.header = torch.empty(1, dtype=torch.int64, device=meta_device)
+        self.header: Optional[torch.Tensor] = None  # its own buffer, unless fused
         self.header_work: Any = None
         self.data: list[tuple[torch.Tensor, Any]] = []
         self.fused: Optional[torch.Tensor] = None  # header and data in one byte buffer (CPU)
@@ -244,8 +244,8 @@ class PipeComm:
         )
         # The last layout sent to / received from each peer (global rank): a repeat
         # costs one small header instead of two messages, and is never pickled.
-        self._sent_layout: dict[tuple[int, Any], tuple[Any, list[Optional[_Leaf]]]] = {}  # by (peer, channel)
-        self._received_layout: dict[tuple[int, Any], tuple[Any, list[Optional[_Leaf]]]] = {}
+        self._sent_layout: dict[tuple[int, Any], _Plan] = {}  # by (peer, channel)
+        self._received_layout: dict[tuple[int, Any], _Plan] = {}
         # Whether the receiver posts data buffers for the last layout together with the
         # header (it does after a repeated layout); tracked alike at both ends.
         self._predicting: dict[tuple[int, Any], bool] = {}  # as receiver, by (source, channel)
@@ -292,30 +292,27 @@ class PipeComm:
         post = getattr(self.transport, "isend", None) if not wait else None
         with self._failures("send", where, "to", dst_pp_rank, dst):
             previous = self._sent_layout.get(key)
-            repeat = previous is not None and previous[0] == structure and previous[1] == leaves
+            repeat = previous is not None and previous.structure == structure and previous.leaves == leaves
             predicts = previous is not None and self._peer_predicts.get(key, False)
             fused = predicts and self._fuses  # the receiver posted one buffer for header and data
             messages: list[tuple[torch.Tensor, Optional[dist.ProcessGroup]]] = []
-            flats = []
-            for bucket in _dtype_buckets(leaves):
-                if len(bucket) == 1:
-                    flat = _bucketed_tensor(tensors, bucket[0]).detach().contiguous()
-                else:
-                    flat = torch.cat([_bucketed_tensor(tensors, i).detach().reshape(-1) for i in bucket])
-                flats.append(flat)
+            flats: list[torch.Tensor] = []
             if repeat and fused:
-                messages.append((_fuse(_SAME_LAYOUT, flats), self.group))
-                flats = []
-            elif repeat:
-                messages.append((_same_layout_header(self._meta_device), self.meta_group))
+                assert previous is not None
+                messages.append((previous.fuse(_SAME_LAYOUT_BYTES, tensors), self.group))
             else:
+                plan = previous if repeat and previous is not None else _Plan(structure, leaves)
+                flats = plan.flats(tensors)
+            if repeat and not fused:
+                messages.append((_same_layout_header(self._meta_device), self.meta_group))
+            elif not repeat:
                 layout = pickle.dumps((structure, leaves))
                 assert previous is not None or not predicts
                 if fused:
                     # The receiver posted one buffer for the previous layout: the header goes in
                     # it (the rest unread), then the new layout and data as separate messages.
                     assert previous is not None
-                    messages.append((_fuse(len(layout), _empty_buckets(previous[1], self.device)), self.group))
+                    messages.append((previous.fuse(_header_bytes(len(layout)), None), self.group))
                 else:
                     header = torch.tensor([len(layout)], dtype=torch.int64)
                     messages.append((header.to(self._meta_device), self.meta_group))
@@ -323,10 +320,10 @@ class PipeComm:
                         # The receiver posted buffers for the previous layout with its header:
                         # fill them (unread), then say what comes instead.
                         assert previous is not None
-                        messages += [(flat, self.group) for flat in _empty_buckets(previous[1], self.device)]
+                        messages += [(flat, self.group) for flat in previous.empty_flats(self.device)]
                 meta = torch.frombuffer(bytearray(layout), dtype=torch.uint8)
                 messages.append((meta.to(self._meta_device), self.meta_group))
-                self._sent_layout[key] = (structure, leaves)
+                self._sent_layout[key] = plan
             self._peer_predicts[key] = repeat and getattr(self.transport, "irecv", None) is not None
             messages += [(flat, self.group) for flat in flats]
             for tensor, group in messages:
@@ -376,18 +373,19 @@ class PipeComm:
         src = self.global_rank(src_pp_rank)
         key = (src, channel)
         irecv = getattr(self.transport, "irecv", None)
-        handle = PostedRecv(src, src_pp_rank, channel, what, self._meta_device)
+        handle = PostedRecv(src, src_pp_rank, channel, what)
         predicted = self._received_layout.get(key) if self._predicting.get(key, False) else None
         if irecv is None:
             return handle  # a blocking transport: everything happens in recv
         with self._failures("receive", what, "from", src_pp_rank, src):
             if predicted is not None and self._fuses:
-                handle.fused = _fused_buffer(predicted[1], self.device)
+                handle.fused = torch.empty(predicted.fused_nbytes, dtype=torch.uint8, device=self.device)
                 handle.header_work = irecv(handle.fused, src, self.group)
                 return handle
+            handle.header = torch.empty(1, dtype=torch.int64, device=self._meta_device)
             handle.header_work = irecv(handle.header, src, self.meta_group)
             if predicted is not None:
-                flats = _empty_buckets(predicted[1], self.device)
+                flats = predicted.empty_flats(self.device)
                 handle.data = [(flat, irecv(flat, src, self.group)) for flat in flats]
         return handle
 
@@ -402,36 +400,37 @@ class PipeComm:
         """
         src, src_pp_rank, what, key = handle.src, handle.src_pp_rank, handle.what, (handle.src, handle.channel)
         irecv = getattr(self.transport, "irecv", None)
-        header, posted = handle.header, handle.data
-        flats: list[torch.Tensor] = []
-        if handle.header_work is None:
-            self.transport.recv(header, src, self.meta_group)
-        else:
-            self._wait_host(handle.header_work)
+        posted = handle.data
         if handle.fused is not None:
-            header = handle.fused[:8].view(torch.int64)
-        size = int(header.item())
+            self._wait_host(handle.header_work)
+            size = int(handle.fused[:8].view(torch.int64).item())
+        else:
+            header = handle.header
+            if header is None:  # a blocking transport: nothing was posted
+                header = torch.empty(1, dtype=torch.int64, device=self._meta_device)
+                self.transport.recv(header, src, self.meta_group)
+            else:
+                self._wait_host(handle.header_work)
+            size = int(header.item())
         self._predicting[key] = size == _SAME_LAYOUT
         if size == _SAME_LAYOUT:
-            if key not in self._received_layout:
+            plan = self._received_layout.get(key)
+            if plan is None:
                 raise RuntimeError(
                     f"global rank {src} repeated a layout it never sent (sender and receiver out of step)."
                 )
-            structure, leaves = self._received_layout[key]
             if handle.fused is not None:
-                flats = _unfuse(handle.fused, leaves)
+                return plan.unpack_fused(handle.fused, self.device)
         else:
             for _, work in posted:  # filled by the sender, unread: its layout changed
                 self._wait_host(work)
             posted = []
             meta = torch.empty(size, dtype=torch.uint8, device=self._meta_device)
             self.transport.recv(meta, src, self.meta_group)
-            structure, leaves = pickle.loads(meta.cpu().numpy().tobytes())
-            self._received_layout[key] = (structure, leaves)
-        tensors: list[Optional[torch.Tensor]] = [None] * len(leaves)
-        buckets = _dtype_buckets(leaves)
-        if not posted and not (handle.fused is not None and size == _SAME_LAYOUT):
-            flats = [_empty_bucket(leaves, bucket, self.device) for bucket in buckets]
+            plan = self._received_layout[key] = _Plan(*pickle.loads(meta.cpu().numpy().tobytes()))
+        flats: list[torch.Tensor] = []
+        if not posted:
+            flats = plan.empty_flats(self.device)
             if irecv is None:
                 for flat in flats:
                     self.transport.recv(flat, src, self.group)
@@ -445,22 +444,7 @@ class PipeComm:
                 self._watch(_InFlight(work, (flat,), "receive", what, src_pp_rank, src, time.monotonic()))
             else:
                 self._wait_host(work)
-        flats = [flat for flat, _ in posted] if posted else flats
-        for bucket, flat in zip(buckets, flats):
-            shapes = [leaves[i].shape for i in bucket]  # type: ignore[union-attr]
-            for i, part, shape in zip(bucket, flat.split([math.prod(shape) for shape in shapes]), shapes):
-                tensors[i] = part.view(shape)
-        for i, leaf in enumerate(leaves):
-            tensor = tensors[i]
-            if leaf is None:
-                continue
-            if tensor is None:  # an empty tensor: nothing was sent for it
-                tensor = torch.empty(leaf.shape, dtype=leaf.dtype, device=self.device)
-            if leaf.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
-                # A leaf of its own, even when it views a shared flat buffer.
-                tensor = tensor.detach().requires_grad_(True)
-            tensors[i] = tensor
-        return unflatten_payload(structure, tensors)
+        return plan.unpack([flat for flat, _ in posted] if posted else flats, self.device)
 
     def _wait_host(self, work: Any) -> None:
         """Blocks the host until ``work`` is done, within the transfer deadline."""
@@ -524,35 +508,54 @@ class PipeComm:
             self._watchdog.stop()
             self._watchdog = None
 
-    @contextmanager
-    def _failures(self, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int) -> Iterator[None]:
+    def _failures(self, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int) -> "_Failures":
         """Turns a backend error of one transfer into a :class:`PipeCommError` that names both ends.
 
         The transfer is a :func:`~lightning_pp.distributed.interrupts.blocking_region`
         (Ctrl-C escalates while the main thread is stuck in it).
         """
-        try:
-            with blocking_region():
-                yield
-        except RuntimeError as error:
-            if isinstance(error, PipeCommError):
-                raise
-            me = dist.get_rank() if dist.is_initialized() else 0
-            my_pp_rank = self._my_pp_rank()
-            cause, _ = describe_failure(
-                error,
-                who=f"pipeline rank {peer_pp_rank} (global rank {peer})",
-                waiting_for=f"the matching {'receive' if verb == 'send' else 'send'}",
-                timeout=self.timeout,
-            )
-            operation = f"{verb} {what}"
-            raise PipeCommError(
-                f"Pipeline rank {my_pp_rank} (global rank {me}) could not {operation} {preposition} pipeline rank "
-                f"{peer_pp_rank} (global rank {peer}): {cause}.",
-                rank=me,
-                peer=peer,
-                operation=operation,
-            ) from error
+        return _Failures(self, verb, what, preposition, peer_pp_rank, peer)
+
+    def _error(
+        self, error: BaseException, verb: str, what: str, preposition: str, peer_pp_rank: int, peer: int
+    ) -> PipeCommError:
+        me = dist.get_rank() if dist.is_initialized() else 0
+        cause, _ = describe_failure(
+            error,
+            who=f"pipeline rank {peer_pp_rank} (global rank {peer})",
+            waiting_for=f"the matching {'receive' if verb == 'send' else 'send'}",
+            timeout=self.timeout,
+        )
+        operation = f"{verb} {what}"
+        return PipeCommError(
+            f"Pipeline rank {self._my_pp_rank()} (global rank {me}) could not {operation} {preposition} pipeline rank "
+            f"{peer_pp_rank} (global rank {peer}): {cause}.",
+            rank=me,
+            peer=peer,
+            operation=operation,
+        )
+
+
+class _Failures:
+    """:meth:`PipeComm._failures`: a class, not a generator, as it wraps every transfer."""
+
+    __slots__ = ("comm", "args")
+
+    def __init__(self, comm: PipeComm, *args: Any) -> None:
+        self.comm, self.args = comm, args
+
+    def __enter__(self) -> None:
+        blocking_region().__enter__()
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        error: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        blocking_region().__exit__(exc_type, error, traceback)
+        if isinstance(error, RuntimeError) and not isinstance(error, PipeCommError):
+            raise self.comm._error(error, *self.args) from error
 
 
 _SAME_LAYOUT = -1
@@ -561,6 +564,15 @@ _SAME_LAYOUT = -1
 def _same_layout_header(device: torch.device) -> torch.Tensor:
     # A fresh tensor per send: a posted send reads its buffer until it completes.
     return torch.full((1,), _SAME_LAYOUT, dtype=torch.int64, device=device)
+
+
+def _header_bytes(value: int) -> torch.Tensor:
+    """The 8 bytes of an int64 header, for the front of a fused buffer."""
+    return torch.tensor([value], dtype=torch.int64).view(torch.uint8)
+
+
+#: Copied into every fused buffer that repeats a layout (never sent itself).
+_SAME_LAYOUT_BYTES = _header_bytes(_SAME_LAYOUT)
 
 
 def _is_completed(work: Any) -> bool:
@@ -584,48 +596,97 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // 8) * 8  # each part starts 8-byte aligned, so its bytes view as any dtype
 
 
-def _fuse(header: int, flats: list[torch.Tensor]) -> torch.Tensor:
-    """One byte buffer: the int64 header, then each flat buffer's bytes, each padded to 8 bytes."""
-    parts = [torch.tensor([header], dtype=torch.int64).view(torch.uint8)]
-    for flat in flats:
-        raw = flat.reshape(-1).view(torch.uint8)
-        parts.append(raw)
-        if _padded(raw.numel()) != raw.numel():
-            parts.append(torch.zeros(_padded(raw.numel()) - raw.numel(), dtype=torch.uint8))
-    return torch.cat(parts)
+class _Plan:
+    """How one layout travels, worked out once and reused for as long as the layout repeats.
 
+    The layout's non-empty tensors go in dtype buckets (:func:`_dtype_buckets`), one
+    flat buffer each. A fused buffer (the CPU's one message per payload) is the
+    8-byte header, then each bucket's bytes, each part starting 8-byte aligned.
+    """
 
-def _fused_buffer(leaves: list[Optional[_Leaf]], device: torch.device) -> torch.Tensor:
-    """The receive buffer :func:`_fuse` fills for a payload of ``leaves``."""
-    size = 8 + sum(_padded(flat.numel() * flat.element_size()) for flat in _empty_buckets(leaves, torch.device("meta")))
-    return torch.empty(size, dtype=torch.uint8, device=device)
+    __slots__ = ("structure", "leaves", "buckets", "fused_nbytes", "_dtypes", "_numels", "_offsets", "_parts")
 
+    def __init__(self, structure: Any, leaves: list[Optional[_Leaf]]) -> None:
+        self.structure, self.leaves = structure, leaves
+        self.buckets = _dtype_buckets(leaves)
+        self._dtypes: list[torch.dtype] = []
+        self._numels: list[int] = []
+        self._offsets: list[int] = []  # byte offset of each bucket in a fused buffer
+        # (leaf index, bucket, element offset in the bucket's flat buffer, element count)
+        self._parts: list[tuple[int, int, int, int]] = []
+        offset = 8
+        for b, bucket in enumerate(self.buckets):
+            start = 0
+            for i in bucket:
+                leaf = leaves[i]
+                assert leaf is not None
+                dtype, numel = leaf.dtype, math.prod(leaf.shape)
+                self._parts.append((i, b, start, numel))
+                start += numel
+            self._dtypes.append(dtype)
+            self._numels.append(start)
+            self._offsets.append(offset)
+            offset += _padded(start * dtype.itemsize)
+        self.fused_nbytes = offset
 
-def _unfuse(buffer: torch.Tensor, leaves: list[Optional[_Leaf]]) -> list[torch.Tensor]:
-    """The flat buffer of each dtype bucket, as views into ``buffer`` (after its header)."""
-    flats, offset = [], 8
-    for shape_of in _empty_buckets(leaves, torch.device("meta")):
-        nbytes = shape_of.numel() * shape_of.element_size()
-        flats.append(buffer[offset : offset + nbytes].view(shape_of.dtype))
-        offset += _padded(nbytes)
-    return flats
+    def flats(self, tensors: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each bucket's flat buffer to send (a lone tensor as it is)."""
+        flats = []
+        for bucket in self.buckets:
+            if len(bucket) == 1:
+                flats.append(_bucketed_tensor(tensors, bucket[0]).detach().contiguous())
+            else:
+                flats.append(torch.cat([_bucketed_tensor(tensors, i).detach().reshape(-1) for i in bucket]))
+        return flats
 
+    def empty_flats(self, device: torch.device) -> list[torch.Tensor]:
+        """One receive buffer per bucket."""
+        return [torch.empty(n, dtype=d, device=device) for d, n in zip(self._dtypes, self._numels)]
 
-def _empty_bucket(leaves: list[Optional[_Leaf]], bucket: list[int], device: torch.device) -> torch.Tensor:
-    """A flat receive buffer for one dtype bucket of ``leaves``."""
-    first = leaves[bucket[0]]
-    assert first is not None
-    numel = 0
-    for i in bucket:
-        leaf = leaves[i]
-        assert leaf is not None
-        numel += math.prod(leaf.shape)
-    return torch.empty(numel, dtype=first.dtype, device=device)
+    def fuse(self, header: torch.Tensor, tensors: Optional[list[Optional[torch.Tensor]]]) -> torch.Tensor:
+        """A fused buffer: ``header`` (8 bytes), then the tensors' bytes (``None``: left unset, never read)."""
+        if tensors is None:
+            buffer = torch.empty(self.fused_nbytes, dtype=torch.uint8)
+            buffer[:8] = header
+            return buffer
+        parts = [header]
+        for flat in self.flats(tensors):
+            raw = flat.reshape(-1).view(torch.uint8)
+            parts.append(raw)
+            if _padded(raw.numel()) != raw.numel():
+                parts.append(torch.zeros(_padded(raw.numel()) - raw.numel(), dtype=torch.uint8))
+        return torch.cat(parts)
 
+    def unpack_fused(self, buffer: torch.Tensor, device: torch.device) -> Any:
+        """The payload from a received fused buffer (its tensors view the buffer)."""
+        tensors: list[Optional[torch.Tensor]] = [None] * len(self.leaves)
+        for i, b, start, numel in self._parts:
+            dtype = self._dtypes[b]
+            first = self._offsets[b] + start * dtype.itemsize
+            tensors[i] = buffer[first : first + numel * dtype.itemsize].view(dtype)
+        return self._rebuild(tensors, device)
 
-def _empty_buckets(leaves: list[Optional[_Leaf]], device: torch.device) -> list[torch.Tensor]:
-    """One flat buffer per dtype bucket of ``leaves``, in message order."""
-    return [_empty_bucket(leaves, bucket, device) for bucket in _dtype_buckets(leaves)]
+    def unpack(self, flats: list[torch.Tensor], device: torch.device) -> Any:
+        """The payload from received per-bucket buffers (its tensors view them)."""
+        tensors: list[Optional[torch.Tensor]] = [None] * len(self.leaves)
+        for i, b, start, numel in self._parts:
+            flat = flats[b]
+            tensors[i] = flat if numel == flat.numel() else flat[start : start + numel]
+        return self._rebuild(tensors, device)
+
+    def _rebuild(self, flat_tensors: list[Optional[torch.Tensor]], device: torch.device) -> Any:
+        tensors: list[Optional[torch.Tensor]] = [None] * len(self.leaves)
+        for i, leaf in enumerate(self.leaves):
+            if leaf is None:
+                continue
+            flat = flat_tensors[i]
+            # An empty tensor: nothing was sent for it.
+            tensor = torch.empty(leaf.shape, dtype=leaf.dtype, device=device) if flat is None else flat.view(leaf.shape)
+            if leaf.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+                # A leaf of its own, even when it views a shared buffer.
+                tensor = tensor.detach().requires_grad_(True)
+            tensors[i] = tensor
+        return unflatten_payload(self.structure, tensors)
 
 
 def _bucketed_tensor(tensors: list[Optional[torch.Tensor]], i: int) -> torch.Tensor:

@@ -262,6 +262,8 @@ class RankTopology:
         replica: every rank of this rank's data-parallel replica (``pp`` x ``cp`` x
             ``tp``): where a norm of the whole model is summed.
         timeout: the timeout every group was created with (``None``: the backend's default).
+        world_cpu: every rank, on the CPU backend: small control messages of the whole
+            job (the default group itself where that is already on the CPU, whatever its timeout).
         owned_groups: the process groups :func:`build_topology` created that this rank
             is a member of, in creation order (the default group, reused for an axis
             that spans the world, is not among them): what :func:`destroy_topology` ends.
@@ -278,6 +280,7 @@ class RankTopology:
     mlp_tp: ParallelGroup
     replica: ParallelGroup
     timeout: Optional[timedelta] = None
+    world_cpu: Any = field(default=None, repr=False)
     owned_groups: tuple[Any, ...] = field(default=(), repr=False)
 
     def groups(self) -> dict[str, ParallelGroup]:
@@ -395,6 +398,7 @@ def build_topology(
     else:
         replica_ranks = replica_groups(shape)
         replica = make("replica", replica_ranks, _new_groups(replica_ranks, None, me, timeout, owned))
+    world_cpu = default_group if on_cpu else _new_groups([tuple(range(world))], cpu_backend, me, timeout, owned)
     return RankTopology(
         shape=shape,
         coords=coords_of(me, shape),
@@ -407,6 +411,7 @@ def build_topology(
         mlp_tp=mlp_tp,
         replica=replica,
         timeout=timeout,
+        world_cpu=world_cpu,
         owned_groups=tuple(owned),
     )
 

@@ -159,6 +159,16 @@ class StepsMixin(PipelineStrategyState):
             )
         return known[1]
 
+    def _post_publish(self) -> None:
+        """Posts this stage's receive of the step's loss and logs before the schedule runs.
+
+        The last stage finishes its part of a step long before the first stage does
+        (1F1B: by the pipeline's depth in backwards), so its values arrive while the
+        earlier stages still compute, and the step's end only collects them.
+        """
+        if self.pp_size > 1 and self.pp_rank != self.pp_size - 1:
+            self._publisher().post()
+
     def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
         """Sends the last stage's combined output and logs to every stage, then logs them."""
         return self._publish_both(recorder, weights, output)[0]
@@ -207,6 +217,7 @@ class StepsMixin(PipelineStrategyState):
 
                 executor = self._executor(schedule)
                 executor.tracer = tracer
+                self._post_publish()
                 results = executor.run(step_fn, loss_fn)
             output = None
             if results:
@@ -274,6 +285,13 @@ class StepsMixin(PipelineStrategyState):
     def on_train_start(self) -> None:
         trainer = self.module.trainer
         self._check_same_on_pipeline("training batches per epoch", trainer.num_training_batches)
+        if self._sigterm is not None:
+            self._sigterm.install_check()
+
+    @override
+    def on_train_end(self) -> None:
+        if self._sigterm is not None:
+            self._sigterm.finish()
 
     @override
     def on_validation_start(self) -> None:
@@ -383,7 +401,9 @@ class StepsMixin(PipelineStrategyState):
         context = plugin.val_step_context() if hook != "predict_step" else plugin.predict_step_context()
         microbatches, weights = self._split(batch)
         with context, self._microbatch_steps(hook, microbatches, rest, kwargs) as (step_fn, recorder):
-            results = self._executor(self._schedule(len(weights), forward_only=True)).run(step_fn)
+            executor = self._executor(self._schedule(len(weights), forward_only=True))
+            self._post_publish()
+            results = executor.run(step_fn)
         output = None
         outputs = [results[k] for k in sorted(results)]
         if outputs and all(o is not None for o in outputs):

@@ -63,6 +63,7 @@ from lightning_pp.distributed.topology import (
 from lightning_pp.integration.checkpoint_hooks import CheckpointMixin
 from lightning_pp.integration.launcher import PipelineLauncher
 from lightning_pp.integration.predict_hooks import PredictMixin
+from lightning_pp.integration.sigterm import SigtermAgreement
 from lightning_pp.integration.step_hooks import StepsMixin
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.parallel.gradients import sync_found_inf
@@ -443,6 +444,11 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
+        self._sigterm = None
+        if self.topology is not None and self.world_size > 1:
+            # Before Lightning registers its SIGTERM handler (right after this hook).
+            self._sigterm = SigtermAgreement(trainer, self.topology.world_cpu, self._timeout)
+            self._sigterm.install_handler()
         self._check_module(self.module, fitting=trainer.state.fn == TrainerFn.FITTING)
         if self.dp_size == 1:
             # With one replica every stage logs the one-device value already (sent from the
@@ -700,6 +706,8 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        if self._sigterm is not None and self._sigterm.agreed:
+            return  # every rank stops at this batch by itself; each may still save (OnExceptionCheckpoint)
         # Lightning's launcher kills the ranks it started only on Ctrl-C. After any other
         # error here a stalled rank would outlive the job (alive, never communicating,
         # so no peer's exit wakes it): a failed job takes every rank with it.

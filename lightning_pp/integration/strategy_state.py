@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_pp.distributed.p2p import PipeComm
 from lightning_pp.distributed.topology import RankTopology
+from lightning_pp.integration.sigterm import SigtermAgreement
 from lightning_pp.pipeline.block_stage import BlockPipeline
 from lightning_pp.pipeline.schedules import Schedule
 from lightning_pp.pipeline.stage import PipelinedSequential
@@ -69,6 +70,7 @@ class PipelineStrategyState(ParallelStrategy):
         _pending_grads: gradients a training step stashed for ``backward``.
         _tracer: records a window of steps, when tracing.
         _timeout: the deadline of every wait on a peer.
+        _sigterm: the ranks' batch-by-batch agreement on stopping at SIGTERM (world > 1).
     """
 
     schedule_name: str
@@ -88,6 +90,7 @@ class PipelineStrategyState(ParallelStrategy):
     _dp_group: Optional[dist.ProcessGroup]
     _replica_group: Optional[dist.ProcessGroup]
     _comm: Optional[PipeComm]
+    _sigterm: Optional[SigtermAgreement] = None
 
     _pipelined: Optional[PipelinedSequential]
     _blocks: Optional[BlockPipeline]

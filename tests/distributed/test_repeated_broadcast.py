@@ -26,12 +26,20 @@ def _payloads() -> list:
             step(6, extra=True), (None, {}), step(8), (torch.tensor([True, False]), {"x": 2.5})]
 
 
-def _run(rank: int, world_size: int) -> tuple:
+def _run(rank: int, world_size: int, post_ahead: bool = False) -> tuple:
+    import time
+
     import torch.distributed as dist
 
     share = RepeatedBroadcast(dist.group.WORLD, world_size - 1, operation="share test values")
-    got = [share(payload if rank == world_size - 1 else None) for payload in _payloads()]
-    return got, share.num_pickled
+    got, posted = [], []
+    for payload in _payloads():
+        if post_ahead:
+            posted.append(share.post())
+            if rank == world_size - 1:
+                time.sleep(0.02)  # the source comes late, as the last stage's values do at step end
+        got.append(share(payload if rank == world_size - 1 else None))
+    return got, share.num_pickled, posted
 
 
 def _same(a, b) -> bool:
@@ -46,8 +54,21 @@ def _same(a, b) -> bool:
 
 def test_every_rank_gets_what_the_source_sent_pickling_only_changes():
     results = run_on_ranks(_run, 3)
-    for got, num_pickled in results:
+    for got, num_pickled, _ in results:
         for sent, received in zip(_payloads(), got, strict=True):
             assert _same(sent, received), (sent, received)
         # pickled: the first, the new shape, the new key, None, back to one key, the bool tensor
         assert num_pickled == 6
+
+
+def test_a_receive_posted_ahead_gets_the_same_values_also_when_the_layout_changes():
+    results = run_on_ranks(_run, 3, True)
+    for rank, (got, num_pickled, posted) in enumerate(results):
+        for sent, received in zip(_payloads(), got, strict=True):
+            assert _same(sent, received), (sent, received)
+        assert num_pickled == 6
+        if rank == 2:
+            assert not any(posted)  # the source never posts
+        else:
+            # posted once a layout is known, i.e. after the first call, and after each change
+            assert posted == [False] + [True] * (len(posted) - 1)
