@@ -7,7 +7,9 @@ from ``on_train_batch_start`` to ``on_train_batch_end``, from the third batch on
 slowest rank's best and median batch count. Printed beside it: the ideal
 ``(m + p - 1)(F + B)`` of the schedule's plan, and how the step split on that rank:
 the schedule itself (executor), sharing the loss and logs of the last stage
-(publish), the gradient reduction and Lightning's own per-batch work (rest).
+(publish), the gradient reduction and Lightning's own per-batch work (rest). And the
+first stage's time between two schedules: every other stage waits for its first
+forward, so all of it is on the step's critical path.
 
     python benchmarks/bench_fit.py                     # F/B = 4/8 ms per microbatch
     python benchmarks/bench_fit.py --forward-ms 10 --backward-ms 20
@@ -89,6 +91,7 @@ class SleepModel(L.LightningModule):
 class BatchTimer(L.Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.schedule_spans: list[tuple[float, float]] = []  # (start, end) of every schedule this rank ran
         self.parts: list[dict[str, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -135,7 +138,9 @@ class BatchTimer(L.Callback):
                 try:
                     return run(*args, **kwargs)
                 finally:
-                    timer.spent["executor"] += time.perf_counter() - start
+                    end = time.perf_counter()
+                    timer.spent["executor"] += end - start
+                    timer.schedule_spans.append((start, end))
 
             ex.run = timed_run
             return ex
@@ -162,7 +167,9 @@ def _fit(args: argparse.Namespace) -> dict:
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     trainer.fit(model, loader)
-    return {"seconds": timer.seconds[2:], "parts": timer.parts[2:], "grad_sets": timer.grad_sets}
+    spans = timer.schedule_spans[2:]
+    between = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return {"seconds": timer.seconds[2:], "parts": timer.parts[2:], "grad_sets": timer.grad_sets, "between": between}
 
 
 def _rank(rank: int, args: argparse.Namespace, port: int, queue: "mp.Queue") -> None:
@@ -216,6 +223,9 @@ def main() -> None:
           f"efficiency {ideal / best:.3f} (best), {ideal / median:.3f} (median)")
     sets = [round(per_rank[r]["grad_sets"], 2) for r in range(p)]
     print(f"peak gradient memory during a step, in sets of this rank's gradients, by rank: {sets}")
+    between = per_rank[0]["between"]
+    print(f"first stage, from the end of one schedule to the start of the next (loss and logs, optimizer, "
+          f"Lightning's batch loop): median {statistics.median(between) * 1000:.2f} ms")
     for r in range(p):
         times = per_rank[r]["seconds"]
         parts = per_rank[r]["parts"][times.index(min(times))]
