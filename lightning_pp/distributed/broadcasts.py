@@ -122,6 +122,10 @@ class RepeatedBroadcast:
         self._posted = (buffer, work)
         return True
 
+    def landed(self) -> bool:
+        """Whether a receive posted by :meth:`post` has its buffer (the next call will not wait)."""
+        return self._posted is not None and bool(self._posted[1].is_completed())
+
     def __call__(self, payload: Any = None) -> Any:
         """``payload`` of ``src``, on every rank (other ranks' arguments are ignored)."""
         is_src = dist.get_rank() == self.src

@@ -142,6 +142,12 @@ class PostedRecv:
         self.data: list[tuple[torch.Tensor, Any]] = []
         self.fused: Optional[torch.Tensor] = None  # header and data in one byte buffer (CPU)
 
+    def landed(self) -> bool:
+        """Whether everything posted for this receive has arrived (``False`` when unsure)."""
+        return self.header_work is not None and _is_completed(self.header_work) and all(
+            _is_completed(work) for _, work in self.data
+        )
+
 
 @dataclass
 class _InFlight:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -159,15 +159,22 @@ class StepsMixin(PipelineStrategyState):
             )
         return known[1]
 
-    def _post_publish(self) -> None:
+    def _post_publish(self, recorder: LogRecorder, weights: list[float]) -> Optional["_EarlyPublish"]:
         """Posts this stage's receive of the step's loss and logs before the schedule runs.
 
         The last stage finishes its part of a step long before the first stage does
         (1F1B: by the pipeline's depth in backwards), so its values arrive while the
-        earlier stages still compute, and the step's end only collects them.
+        earlier stages still compute. The returned :class:`_EarlyPublish` is the
+        executor's ``idle`` callback: when the values are there and the stage is about
+        to wait for a peer anyway, it logs them then, so that the step's end (on the
+        first stage, every other stage's wait) has nothing left to do.
         """
-        if self.pp_size > 1 and self.pp_rank != self.pp_size - 1:
-            self._publisher().post()
+        if self.pp_size == 1 or self.pp_rank == self.pp_size - 1:
+            return None
+        publisher = self._publisher()
+        if not publisher.post():
+            return None
+        return _EarlyPublish(lambda: publisher.landed(), lambda: self._publish_both(recorder, weights, None))
 
     def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
         """Sends the last stage's combined output and logs to every stage, then logs them."""
@@ -186,7 +193,8 @@ class StepsMixin(PipelineStrategyState):
         host_output, _ = payload
         output, logs = map_tensors(lambda t: t.to(self.root_device), payload)
         for name, (value, log_kwargs) in logs.items():
-            module.log(name, value, **log_kwargs)
+            # The class's method: during the schedule the instance's `log` is the recorder's.
+            type(module).log(module, name, value, **log_kwargs)
         return output, host_output
 
     @override
@@ -217,7 +225,8 @@ class StepsMixin(PipelineStrategyState):
 
                 executor = self._executor(schedule)
                 executor.tracer = tracer
-                self._post_publish()
+                early = self._post_publish(recorder, weights)
+                executor.idle = early
                 results = executor.run(step_fn, loss_fn)
             output = None
             if results:
@@ -225,7 +234,11 @@ class StepsMixin(PipelineStrategyState):
                 if isinstance(output, Tensor):
                     output = output.detach()
             waited_from = tracer.now() if tracer is not None else 0.0
-            output, host_output = self._publish_both(recorder, weights, output)
+            if early is not None and early.result is not None:
+                output, host_output = early.result
+                self._num_early_publishes += 1
+            else:
+                output, host_output = self._publish_both(recorder, weights, output)
             if tracer is not None:
                 # Time every stage spends waiting for the loss and logs of the last stage.
                 tracer.add_span("wait", waited_from, tracer.now())
@@ -402,7 +415,8 @@ class StepsMixin(PipelineStrategyState):
         microbatches, weights = self._split(batch)
         with context, self._microbatch_steps(hook, microbatches, rest, kwargs) as (step_fn, recorder):
             executor = self._executor(self._schedule(len(weights), forward_only=True))
-            self._post_publish()
+            early = self._post_publish(recorder, weights)
+            executor.idle = early
             results = executor.run(step_fn)
         output = None
         outputs = [results[k] for k in sorted(results)]
@@ -411,6 +425,8 @@ class StepsMixin(PipelineStrategyState):
                 output = weighted_mean(outputs, weights)
             else:
                 output = concat_outputs(outputs, [batch_rows(mb) for mb in microbatches])
+        if early is not None and early.result is not None:
+            return early.result[0]
         return self._publish(recorder, weights, output)
 
     @override
@@ -422,3 +438,19 @@ class StepsMixin(PipelineStrategyState):
         return self._eval_step("test_step", args, kwargs, combine="mean")
 
 
+class _EarlyPublish:
+    """The executor's ``idle`` callback that publishes the last stage's values once they landed.
+
+    Args:
+        landed: whether the posted receive has its data (the publish will not wait).
+        publish: runs the publish; its result is kept in :attr:`result`.
+    """
+
+    def __init__(self, landed: Callable[[], bool], publish: Callable[[], tuple[Any, Any]]) -> None:
+        self._landed, self._publish = landed, publish
+        #: ``(output, host output)`` once published during the schedule, else ``None``.
+        self.result: Optional[tuple[Any, Any]] = None
+
+    def __call__(self) -> None:
+        if self.result is None and self._landed():
+            self.result = self._publish()

@@ -176,8 +176,10 @@ class _ReceiveAhead:
     there it is posted ahead only when no send to that peer lies in between.
     """
 
-    def __init__(self, actions: tuple[Action, ...], comm: Optional[PipeComm]) -> None:
-        self.actions, self.comm = actions, comm
+    def __init__(
+        self, actions: tuple[Action, ...], comm: Optional[PipeComm], idle: Optional[Callable[[], None]] = None
+    ) -> None:
+        self.actions, self.comm, self.idle = actions, comm, idle
         self.may_pass_sends = comm is not None and comm.sends_never_block
         self.receives = [i for i, a in enumerate(actions) if a.op.is_recv]
         self.next = 0  # position in `receives` of the first receive neither posted nor done
@@ -206,6 +208,8 @@ class _ReceiveAhead:
         handle = self.posted.pop(index, None)
         if handle is None:
             self.next += 1
+        if self.idle is not None and (handle is None or not handle.landed()):
+            self.idle()  # this rank is about to wait anyway
         assert action.peer is not None
         return self.comm.recv(action.peer, what=what, channel=channel, posted=handle)
 
@@ -246,6 +250,10 @@ class PipelineExecutor:
         self.peak_live_activations = 0
         #: Records each action's start and end while tracing is on (see lightning_pp.tracing.trace).
         self.tracer: Optional[TraceRecorder] = None
+        #: Called (without arguments) when this rank is about to wait for a receive whose data
+        #: has not arrived: a caller's chance to do work that would otherwise follow the step.
+        #: It must not block on a peer, and runs at most once per receive.
+        self.idle: Optional[Callable[[], None]] = None
 
     def run(self, step_fn: StepFn, loss_fn: Optional[LossFn] = None) -> dict[int, Any]:
         """Runs every action of this rank in order.
@@ -273,7 +281,7 @@ class PipelineExecutor:
         actions = self.schedule.actions[self.pp_rank]
         if self.comm is not None and self.comm.sends_never_block:
             actions = sends_first(actions)
-        ahead = _ReceiveAhead(actions, self.comm)
+        ahead = _ReceiveAhead(actions, self.comm, self.idle)
         for index, action in enumerate(actions):
             start = tracer.now() if tracer is not None else 0.0
             key = (action.stage, action.microbatch)
