@@ -330,9 +330,16 @@ class PredictStream:
                 f"batch {batch_idx} is missing from the predict dataloader on pipeline rank {self.pp_rank}"
             )
         first, end = self._starts[batch_idx], self._starts[batch_idx + 1]
-        # Only rank 0 waits for the exchanges to finish (it needs the results); the
-        # others go straight on to the next batch while their sends complete.
-        self.pipeline.run_until(self.pipeline.completion_tick(end - 1), wait=self.pp_rank == 0)
+        last_tick = self.pipeline.completion_tick(end - 1)
+        if self.pp_rank == 0:
+            # Rank 0 needs the batch's last result, which the last rank makes in the same tick.
+            # It computes one tick more before it waits for that result, so the wait overlaps
+            # compute instead of holding the ring's source (and with it every rank) still.
+            self.pipeline.run_until(last_tick + 1, wait=False)
+            self.pipeline.wait_for_exchange(last_tick)
+        else:
+            # The others go straight on to the next batch while their sends complete.
+            self.pipeline.run_until(last_tick, wait=False)
         for g in range(first, end):
             self._host.pop(g, None)
         if self.pp_rank != 0:

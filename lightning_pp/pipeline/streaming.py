@@ -300,7 +300,11 @@ class StreamingPipeline:
                 self._exchange(t, transfers, output)
             self.tick += 1
         if wait:
-            self._wait(lambda: self._exchanged >= last_tick or self.pp_size == 1, f"the exchange of tick {last_tick}")
+            self.wait_for_exchange(last_tick)
+
+    def wait_for_exchange(self, tick: int) -> None:
+        """Returns once the exchanges up to ``tick`` completed (its results are then on rank 0)."""
+        self._wait(lambda: self._exchanged >= tick or self.pp_size == 1, f"the exchange of tick {tick}")
 
     def close(self) -> None:
         """Stops the communication thread (after the exchanges handed to it).
