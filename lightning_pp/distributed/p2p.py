@@ -303,15 +303,14 @@ class PipeComm:
             fused = predicts and self._fuses  # the receiver posted one buffer for header and data
             messages: list[tuple[torch.Tensor, Optional[dist.ProcessGroup]]] = []
             flats: list[torch.Tensor] = []
-            if repeat and fused:
-                assert previous is not None
+            if repeat and previous is not None and fused:
                 messages.append((previous.fuse(_SAME_LAYOUT_BYTES, tensors), self.group))
-            else:
-                plan = previous if repeat and previous is not None else _Plan(structure, leaves)
-                flats = plan.flats(tensors)
-            if repeat and not fused:
+            elif repeat and previous is not None:
+                flats = previous.flats(tensors)
                 messages.append((_same_layout_header(self._meta_device), self.meta_group))
-            elif not repeat:
+            else:
+                plan = _Plan(structure, leaves)
+                flats = plan.flats(tensors)
                 layout = pickle.dumps((structure, leaves))
                 assert previous is not None or not predicts
                 if fused:

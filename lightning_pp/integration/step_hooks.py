@@ -174,14 +174,22 @@ class StepsMixin(PipelineStrategyState):
         publisher = self._publisher()
         if not publisher.post():
             return None
-        return _EarlyPublish(lambda: publisher.landed(), lambda: self._publish_both(recorder, weights, None))
+        return _EarlyPublish(publisher.landed, lambda: self._publish_both(recorder, weights, None))
 
-    def _publish(self, recorder: LogRecorder, weights: list[float], output: Any) -> Any:
-        """Sends the last stage's combined output and logs to every stage, then logs them."""
-        return self._publish_both(recorder, weights, output)[0]
+    def _published(
+        self, early: Optional["_EarlyPublish"], recorder: LogRecorder, weights: list[float], output: Any
+    ) -> tuple[Any, Any]:
+        """What :meth:`_publish_both` returns: taken during the schedule if it was, else now."""
+        if early is not None and early.result is not None:
+            self._num_early_publishes += 1
+            return early.result
+        return self._publish_both(recorder, weights, output)
 
     def _publish_both(self, recorder: LogRecorder, weights: list[float], output: Any) -> tuple[Any, Any]:
-        """:meth:`_publish`, also returning the output's host copy (checked there without a device sync)."""
+        """Sends the last stage's combined output and logs to every stage, then logs them.
+
+        Returns the output and its host copy (the loss is checked there without a device sync).
+        """
         module = self.module
         is_last = self.pp_rank == self.pp_size - 1
         payload: Any = None
@@ -234,11 +242,7 @@ class StepsMixin(PipelineStrategyState):
                 if isinstance(output, Tensor):
                     output = output.detach()
             waited_from = tracer.now() if tracer is not None else 0.0
-            if early is not None and early.result is not None:
-                output, host_output = early.result
-                self._num_early_publishes += 1
-            else:
-                output, host_output = self._publish_both(recorder, weights, output)
+            output, host_output = self._published(early, recorder, weights, output)
             if tracer is not None:
                 # Time every stage spends waiting for the loss and logs of the last stage.
                 tracer.add_span("wait", waited_from, tracer.now())
@@ -425,9 +429,7 @@ class StepsMixin(PipelineStrategyState):
                 output = weighted_mean(outputs, weights)
             else:
                 output = concat_outputs(outputs, [batch_rows(mb) for mb in microbatches])
-        if early is not None and early.result is not None:
-            return early.result[0]
-        return self._publish(recorder, weights, output)
+        return self._published(early, recorder, weights, output)[0]
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -71,8 +71,8 @@ class PipelineStrategyState(ParallelStrategy):
         _tracer: records a window of steps, when tracing.
         _timeout: the deadline of every wait on a peer.
         _sigterm: the ranks' batch-by-batch agreement on stopping at SIGTERM (world > 1).
-        _num_early_publishes: training steps whose loss and logs this stage took and logged
-            while waiting for a peer inside the schedule, rather than after it.
+        _num_early_publishes: steps whose loss and logs this stage took and logged while
+            waiting for a peer inside the schedule, rather than after it.
     """
 
     schedule_name: str
