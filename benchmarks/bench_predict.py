@@ -18,6 +18,9 @@ communication, Lightning's per-batch work) and not about 2 CPU cores shared by
 
 * torch pp=4: ``torch.distributed.pipelining``'s ``ScheduleGPipe`` (forward only, under
   ``no_grad``) on the same layers, batch after batch, timed over the whole loop.
+* floor pp=4: the same layers streamed with bare ``isend``/``irecv`` and no framework,
+  over a bare one-device loop: what this machine allows any library (its wake-ups,
+  system calls and sleep overshoot), so a speed-up goal can be read against it.
 
 Prints the wall time of the predict loop (``on_predict_start`` to ``on_predict_end``
 on global rank 0) and the speed-up over one device, with the load average (a shared
@@ -31,6 +34,7 @@ import os
 import pickle
 import sys
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -121,15 +125,75 @@ def _torch_predict(args: argparse.Namespace, rank: int, port: int) -> float:
         dist.destroy_process_group()
 
 
-def _rank(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: "mp.Queue") -> None:
+def _floor_predict(args: argparse.Namespace, rank: int, port: int) -> tuple[float, float]:
+    """What the machine allows: the same layers streamed with bare ``isend``/``irecv``, no library, no Lightning.
+
+    Rank 0 forwards every microbatch in turn and posts the receive of its result
+    from the last rank; every other rank waits for its input (the next receive
+    posted ahead), forwards it and sends it on. Returns the pipelined seconds and,
+    on rank 0, the seconds of a bare one-device loop over the same batches (all
+    layers on one rank, while the others wait), so the two compare without any
+    framework on either side.
+    """
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.pp)
+    try:
+        model = SleepModel(args.layers, args.layer_ms / 1000).layers
+        per_stage, last = args.layers // args.pp, args.pp - 1
+        layers = model[rank * per_stage : (rank + 1) * per_stage]
+        data = torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8)
+        micro = [part for batch in data.split(ROWS) for part in batch.tensor_split(args.m)]
+
+        def post(src: int, like: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            buffer = torch.empty_like(like)
+            return buffer, dist.irecv(buffer, src)
+
+        with torch.no_grad():
+            dist.barrier()
+            start = time.perf_counter()
+            sends, results = [], []
+            if rank == 0:
+                for x in micro:
+                    sends.append(dist.isend(layers(x), 1))
+                    results.append(post(last, x))
+                for _, work in results:
+                    work.wait()
+            else:
+                upcoming = post(rank - 1, micro[0])
+                for g in range(len(micro)):
+                    x, work = upcoming
+                    work.wait()
+                    if g + 1 < len(micro):
+                        upcoming = post(rank - 1, micro[g + 1])
+                    sends.append(dist.isend(layers(x), rank + 1 if rank < last else 0))
+            for work in sends:
+                work.wait()
+            pipelined = time.perf_counter() - start
+            single = 0.0
+            if rank == 0:
+                start = time.perf_counter()
+                for batch in data.split(ROWS):
+                    model(batch)
+                single = time.perf_counter() - start
+            dist.barrier()
+            return pipelined, single
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, args: argparse.Namespace, port: int, torch_port: int, floor_port: int, queue: "mp.Queue") -> None:
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "RANK": str(rank),
          "LOCAL_RANK": str(rank), "WORLD_SIZE": str(args.pp), "PYTHONWARNINGS": "ignore"}
     )
     torch_seconds = _torch_predict(args, rank, torch_port)
+    floor = _floor_predict(args, rank, floor_port)
     modes = ("streaming", "per-batch")
     results: dict = {mode: _predict(args, args.pp, streaming=mode == "streaming") for mode in modes}
     results["torch"] = torch_seconds
+    results["floor"] = floor
     if rank == 0:
         queue.put(pickle.dumps(results))  # by value: shared-memory tensors die with this process
 
@@ -146,7 +210,7 @@ def main() -> None:
     import socket
 
     ports = []
-    for _ in range(2):
+    for _ in range(3):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
@@ -154,7 +218,7 @@ def main() -> None:
         load_before = " ".join(f.read().split()[:3])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, args, ports[0], ports[1], queue)) for r in range(args.pp)]
+    procs = [ctx.Process(target=_rank, args=(r, args, *ports, queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
     pipelined = pickle.loads(queue.get(timeout=600))
@@ -178,6 +242,10 @@ def main() -> None:
     torch_seconds = pipelined["torch"]
     print(f"{'torch pp=%d GPipe' % p:22} {torch_seconds:8.2f} {single / torch_seconds:8.2f}x  "
           f"{'(not kept)':>11}")
+    floor_seconds, floor_single = pipelined["floor"]
+    print(f"{'floor pp=%d' % p:22} {floor_seconds:8.2f} {floor_single / floor_seconds:8.2f}x  "
+          f"{'(not kept)':>11}   bare isend/irecv and the same layers, over a bare one-device loop "
+          f"({floor_single:.2f} s): what the machine allows")
     print(f"ideal {float(p):.2f}x; a bubble every batch caps it at p*m/(m+p-1) = {p * m / (m + p - 1):.2f}x")
 
 

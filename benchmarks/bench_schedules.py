@@ -20,8 +20,10 @@ efficiency (ideal / best step), the bubble (idle share of the best step:
 ``1 - m (F + B) / step``) against the planned one, the peak number of microbatches
 whose activations a stage held, and, for lightning_pp, where a step's time went on the
 slowest rank (compute, receives, posting sends, waiting for sends at the end, the
-executor's own Python). The load average is printed: on a shared machine compare the
-two libraries' ratios, not absolute times.
+executor's own Python). The floor rows run the same layers in the same order with
+bare ``isend``/``irecv`` and nothing else: what the machine allows any library, so a
+library's own overhead reads as its distance from them. The load average is printed:
+on a shared machine compare the ratios, not absolute times.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ from torch import nn
 
 from lightning_pp.distributed.p2p import PipeComm
 from lightning_pp.pipeline.backward_split import gradients_asked_for
-from lightning_pp.pipeline.executor import PipelineExecutor
-from lightning_pp.pipeline.schedules import bubble_fraction, build_schedule, simulate
+from lightning_pp.pipeline.executor import PipelineExecutor, sends_first
+from lightning_pp.pipeline.schedules import Op, bubble_fraction, build_schedule, simulate
 
 from _ranks import on_ranks
 
 ROWS = 16
 OURS = ("gpipe", "1f1b", "interleaved1f1b", "zbh1")
 TORCH = ("gpipe", "1f1b", "interleaved1f1b")  # torch has no ZB-H1 (its zero-bubble schedules need v >= 2)
+FLOOR = ("gpipe", "1f1b")
 PARTS = ("compute", "recv", "send", "drain")
 
 
@@ -124,6 +127,64 @@ def _layers(name: str, rank: int, world: int, f_s: float, b_s: float, clock: _Cl
     return {rank: SleepLayer(f_s, b_s, clock)}
 
 
+class _Floor:
+    """What the machine allows a schedule: the same layers and action order, and nothing else.
+
+    Each action is one bare call: the layer's forward, ``torch.autograd.backward``, or
+    ``dist.isend``/``dist.irecv`` of one tensor of the known shape (no headers, no
+    layouts, no bookkeeping, no deadlines). Communication is timed as lightning_pp
+    times it: sends first between two computes, each rank's next receive posted
+    before the compute that precedes it, sends waited for at the end of the step. A
+    library can only add to this; the gap between the two is its own overhead.
+    """
+
+    def __init__(self, name: str, rank: int, world: int, m: int, layers: dict[int, nn.Module]) -> None:
+        schedule = build_schedule(name, world, m)
+        self.actions = sends_first(schedule.actions[rank])
+        self.layers, self.last = layers, schedule.num_stages - 1
+
+    def run(self, micro: list[torch.Tensor]) -> None:
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        sends = []
+        posted: dict[int, tuple[torch.Tensor, Any]] = {}
+        receives = iter([i for i, a in enumerate(self.actions) if a.op.is_recv])
+        upcoming = next(receives, None)
+        for index, action in enumerate(self.actions):
+            k, op = action.microbatch, action.op
+            if op.is_compute and upcoming is not None and upcoming > index and not posted:
+                posted[upcoming] = self._post(self.actions[upcoming], micro)
+                upcoming = next(receives, None)
+            if op is Op.FORWARD:
+                x = micro[k] if action.stage == 0 else inputs[k]
+                out = self.layers[action.stage](x)
+                outputs[k] = out.sum() if action.stage == self.last else out
+            elif op is Op.BACKWARD:
+                out = outputs.pop(k)
+                torch.autograd.backward([out], grad_tensors=None if action.stage == self.last else [grads.pop(k)])
+            elif op.is_send:
+                payload = outputs[k] if op is Op.SEND_ACT else inputs.pop(k).grad
+                sends.append(dist.isend(payload.detach(), action.peer))
+            else:
+                if index not in posted:
+                    posted[index] = self._post(action, micro)
+                    upcoming = next(receives, None)
+                buffer, work = posted.pop(index)
+                work.wait()
+                if op is Op.RECV_ACT:
+                    inputs[k] = buffer.requires_grad_()
+                else:
+                    grads[k] = buffer
+        for work in sends:
+            work.wait()
+
+    @staticmethod
+    def _post(action: Any, micro: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        buffer = torch.empty_like(micro[action.microbatch], requires_grad=False)
+        return buffer, dist.irecv(buffer, action.peer)
+
+
 def _torch_schedule(name: str, rank: int, world: int, m: int, f_s: float, b_s: float, clock: _Clock) -> Any:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -149,6 +210,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, f_ms: float, b_ms: fl
     f_s, b_s = f_ms * args.m / 1000, b_ms * args.m / 1000  # a whole batch's sleep
     clocks = {("ours", name): _Clock() for name in OURS}
     clocks.update({("torch", name): _Clock() for name in TORCH})
+    clocks.update({("floor", name): _Clock() for name in FLOOR})
     runners: dict[tuple[str, str], Any] = {}
     comm = _TimedComm(dist.group.WORLD, torch.device("cpu"))
     for name in OURS:
@@ -157,6 +219,9 @@ def _rank(rank: int, world: int, args: argparse.Namespace, f_ms: float, b_ms: fl
         layers = _layers(name, rank, world, f_s, b_s, clock)
         runners[("ours", name)] = PipelineExecutor(layers, build_schedule(name, world, args.m, virtual_stages=v), rank,
                                                    comm)
+    for name in FLOOR:
+        layers = _layers(name, rank, world, f_s, b_s, clocks[("floor", name)])
+        runners[("floor", name)] = _Floor(name, rank, world, args.m, layers)
     if not args.no_torch:
         for name in TORCH:
             runners[("torch", name)] = _torch_schedule(name, rank, world, args.m, f_s, b_s, clocks[("torch", name)])
@@ -175,6 +240,8 @@ def _rank(rank: int, world: int, args: argparse.Namespace, f_ms: float, b_ms: fl
         if key[0] == "ours":
             comm.clock = clocks[key]
             runner.run(step_fn, loss_fn)
+        elif key[0] == "floor":
+            runner.run(micro)
         elif rank == 0:
             runner.step(batch.clone().requires_grad_())
         elif rank == world - 1:
@@ -208,16 +275,17 @@ def _report(per_rank: dict[int, dict[str, Any]], args: argparse.Namespace, f_mb:
           f"compute {work * 1000:.0f} ms per rank and step")
     print(f"{'library':8} {'schedule':16} {'best ms':>8} {'median':>8} {'ideal':>7} {'effic.':>7} {'bubble':>7} "
           f"{'planned':>8}  peak live  | lightning_pp slowest rank, ms: compute recv send drain python")
-    for library, names in (("lp", OURS), ("torch", () if args.no_torch else TORCH)):
+    libraries = (("lp", OURS), ("torch", () if args.no_torch else TORCH), ("floor", FLOOR))
+    for library, names in libraries:
         for name in names:
-            key = ("ours" if library == "lp" else "torch", name)
+            key = ("ours" if library == "lp" else library, name)
             v = 2 if name == "interleaved1f1b" else 1
             planned = simulate(build_schedule(name, p, m, virtual_stages=v), forward_time=f_mb / v / 1000,
                                backward_time=b_mb / v / 1000)
             ideal = max(e.end for events in planned for e in events)
             best = max(min(per_rank[r]["times"][key]) for r in range(p))
             median = max(statistics.median(per_rank[r]["times"][key]) for r in range(p))
-            line = (f"{'lightning_pp' if library == 'lp' else 'torch':8} {name:16} {best * 1000:8.1f} "
+            line = (f"{'lightning_pp' if library == 'lp' else library:8} {name:16} {best * 1000:8.1f} "
                     f"{median * 1000:8.1f} {ideal * 1000:7.0f} {ideal / best:7.3f} {1 - work / best:7.3f} "
                     f"{bubble_fraction(planned):8.3f}")
             if library == "lp":
