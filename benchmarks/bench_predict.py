@@ -67,6 +67,17 @@ class SleepModel(L.LightningModule):
         return self.layers(batch)
 
 
+def _rows(args: argparse.Namespace) -> torch.Tensor:
+    """The rows every run predicts: ``--batches`` batches of ``ROWS`` rows of 8 features."""
+    return torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8)
+
+
+def _stage_layers(args: argparse.Namespace, rank: int) -> nn.Sequential:
+    """The layers pipeline rank ``rank`` holds in the bare runs (``--layers`` split evenly)."""
+    per_stage = args.layers // args.pp
+    return SleepModel(args.layers, args.layer_ms / 1000).layers[rank * per_stage : (rank + 1) * per_stage]
+
+
 class LoopTimer(L.Callback):
     def on_predict_start(self, trainer, pl_module):
         trainer.strategy.barrier()
@@ -81,7 +92,7 @@ def _predict(args: argparse.Namespace, devices: int, streaming: bool = True) -> 
 
     torch.set_num_threads(1)
     model = SleepModel(args.layers, args.layer_ms / 1000)
-    loader = DataLoader(torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8), batch_size=ROWS)
+    loader = DataLoader(_rows(args), batch_size=ROWS)
     strategy: object = "auto"
     if devices > 1:
         balance = [args.layers // devices] * devices
@@ -104,13 +115,12 @@ def _torch_predict(args: argparse.Namespace, rank: int, port: int) -> float:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.pp)
     try:
-        per_stage = args.layers // args.pp
-        layers = SleepModel(args.layers, args.layer_ms / 1000).layers[rank * per_stage : (rank + 1) * per_stage]
+        layers = _stage_layers(args, rank)
         example = torch.zeros(ROWS // args.m, 8)
         stage = PipelineStage(layers, rank, args.pp, torch.device("cpu"), input_args=(example,),
                               output_args=(example,))
         schedule = ScheduleGPipe(stage, args.m)
-        data = torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8)
+        data = _rows(args)
         with torch.no_grad():
             dist.barrier()
             start = time.perf_counter()
@@ -140,10 +150,9 @@ def _floor_predict(args: argparse.Namespace, rank: int, port: int) -> tuple[floa
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.pp)
     try:
-        model = SleepModel(args.layers, args.layer_ms / 1000).layers
-        per_stage, last = args.layers // args.pp, args.pp - 1
-        layers = model[rank * per_stage : (rank + 1) * per_stage]
-        data = torch.arange(args.batches * ROWS * 8, dtype=torch.float32).view(-1, 8)
+        last = args.pp - 1
+        layers = _stage_layers(args, rank)
+        data = _rows(args)
         micro = [part for batch in data.split(ROWS) for part in batch.tensor_split(args.m)]
 
         def post(src: int, like: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -173,6 +182,7 @@ def _floor_predict(args: argparse.Namespace, rank: int, port: int) -> tuple[floa
             pipelined = time.perf_counter() - start
             single = 0.0
             if rank == 0:
+                model = SleepModel(args.layers, args.layer_ms / 1000).layers
                 start = time.perf_counter()
                 for batch in data.split(ROWS):
                     model(batch)

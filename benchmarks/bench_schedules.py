@@ -33,7 +33,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -148,13 +148,13 @@ class _Floor:
         outputs: dict[int, torch.Tensor] = {}
         grads: dict[int, torch.Tensor] = {}
         sends = []
-        posted: dict[int, tuple[torch.Tensor, Any]] = {}
         receives = iter([i for i, a in enumerate(self.actions) if a.op.is_recv])
-        upcoming = next(receives, None)
+        upcoming = next(receives, None)  # the first receive not yet posted
+        posted: Optional[tuple[torch.Tensor, Any]] = None  # the receive before `upcoming`, posted ahead
         for index, action in enumerate(self.actions):
             k, op = action.microbatch, action.op
-            if op.is_compute and upcoming is not None and upcoming > index and not posted:
-                posted[upcoming] = self._post(self.actions[upcoming], micro)
+            if op.is_compute and upcoming is not None and upcoming > index and posted is None:
+                posted = self._post(self.actions[upcoming], micro)
                 upcoming = next(receives, None)
             if op is Op.FORWARD:
                 x = micro[k] if action.stage == 0 else inputs[k]
@@ -166,11 +166,11 @@ class _Floor:
             elif op.is_send:
                 payload = outputs[k] if op is Op.SEND_ACT else inputs.pop(k).grad
                 sends.append(dist.isend(payload.detach(), action.peer))
-            else:
-                if index not in posted:
-                    posted[index] = self._post(action, micro)
+            else:  # receives come in order: this one is the posted one, or `upcoming`
+                if posted is None:
+                    posted = self._post(action, micro)
                     upcoming = next(receives, None)
-                buffer, work = posted.pop(index)
+                (buffer, work), posted = posted, None
                 work.wait()
                 if op is Op.RECV_ACT:
                     inputs[k] = buffer.requires_grad_()
