@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _ranks import collect  # noqa: E402
 from bench_schedules import ROWS, _Clock, _Sleep  # noqa: E402
 
 
@@ -201,7 +202,7 @@ def main() -> None:
     procs = [ctx.Process(target=_rank, args=(r, args, port, queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
-    per_rank = dict(pickle.loads(queue.get(timeout=900)) for _ in procs)
+    per_rank = dict(pickle.loads(item) for item in collect(queue, procs, len(procs), timeout=900))
     for p in procs:
         p.join()
     with open("/proc/loadavg") as f:

@@ -36,6 +36,8 @@ from lightning_pp.parallel import (
 )
 from lightning_pp.platform import current_platform, distributed_backend_for
 
+from _ranks import collect
+
 
 def unfused(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, group, eps: float = 1e-6) -> tuple:
     y = x.clone()
@@ -112,7 +114,7 @@ def run(world_size: int, args: argparse.Namespace) -> list:
         procs = [ctx.Process(target=_worker, args=(r, world_size, store, args, queue)) for r in range(world_size)]
         for p in procs:
             p.start()
-        rows = queue.get(timeout=1800)
+        [rows] = collect(queue, procs, 1, timeout=1800)
         for p in procs:
             p.join()
     return rows

@@ -42,6 +42,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from _ranks import collect
+
 ROWS = 16
 
 
@@ -231,7 +233,8 @@ def main() -> None:
     procs = [ctx.Process(target=_rank, args=(r, args, *ports, queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
-    pipelined = pickle.loads(queue.get(timeout=600))
+    [item] = collect(queue, procs, 1, timeout=600)
+    pipelined = pickle.loads(item)
     for p in procs:
         p.join()
     single, expected = _predict(args, 1)

@@ -9,7 +9,8 @@ functions, so all of them agree on what a container is and rebuild the same type
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,6 +35,8 @@ def _is_namedtuple(node: Any) -> bool:
 
 def _children(node: Any) -> tuple[Any, list[Any]] | None:
     """``(keys, children)`` of an inner node (``keys`` is ``None`` for sequences), or ``None`` for a leaf."""
+    if isinstance(node, torch.Tensor):  # the usual leaf, told apart before the slower abstract-class check
+        return None
     if isinstance(node, Mapping):
         return list(node.keys()), list(node.values())
     if isinstance(node, (list, tuple)):

@@ -86,6 +86,7 @@ class PredictMixin(PipelineStrategyState):
     _predict_streaming: bool = True
     _predict_streams: Optional[dict] = None
     _muted_writers: Optional[list] = None
+    _takes_batch_idx: Optional[tuple[Any, bool]] = None  # (predict_step, whether it takes batch_idx)
 
     def _predict_feed(self, dataloader_idx: int) -> Any:
         """The read-ahead feed of predict dataloader ``dataloader_idx``, or ``None`` when not streaming."""
@@ -107,14 +108,15 @@ class PredictMixin(PipelineStrategyState):
             is_param_in_hook_signature,
         )
 
-        module = self.module
-        takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
         rest = args[1:]
         dataloader_idx = int(rest[-1]) if self._predicts_several_loaders() and rest else 0
         stream = self._stream_for(dataloader_idx)
         if stream is None:
             return None, 0
-        batch_idx = int(rest[0]) if takes_batch_idx else stream.next_batch
+        step = self.module.predict_step
+        if self._takes_batch_idx is None or self._takes_batch_idx[0] != step:  # read a signature once, not per batch
+            self._takes_batch_idx = (step, is_param_in_hook_signature(step, "batch_idx", min_args=2))
+        batch_idx = int(rest[0]) if self._takes_batch_idx[1] else stream.next_batch
         return stream, batch_idx
 
     def _predicts_several_loaders(self) -> bool:

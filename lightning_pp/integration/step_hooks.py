@@ -22,6 +22,7 @@ the pipeline state the strategy sets up (``pp_rank``, ``_pipelined``, ``_comm``,
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
@@ -319,11 +320,20 @@ class StepsMixin(PipelineStrategyState):
         """Fails on every rank when the stages of a pipeline would run different numbers of steps."""
         if self.pp_size == 1:
             return
-        values: list[Any] = [None] * self.pp_size
         group = self._pp_cpu_group or self._pp_group
-        with named_failures(f"compare the number of {what} with the other stages", group, timeout=self._timeout):
-            dist.all_gather_object(values, value, group=group)
-        if any(v != values[0] for v in values):
+        operation = f"compare the number of {what} with the other stages"
+        # One collective of one number (a digest of the value) rather than a pickled
+        # object gather (two collectives): this runs at the start of every fit, validation
+        # and predict. The values themselves are gathered only to name them in the error.
+        digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+        digests = [torch.empty_like(mine) for _ in range(self.pp_size)]
+        with named_failures(operation, group, timeout=self._timeout):
+            dist.all_gather(digests, mine, group=group)
+        if any(not torch.equal(d, mine) for d in digests):  # every rank sees the same digests: all raise
+            values: list[Any] = [None] * self.pp_size
+            with named_failures(operation, group, timeout=self._timeout):
+                dist.all_gather_object(values, value, group=group)
             assert group is not None, "pp > 1 has a pipeline group once set up"
             ranks = [dist.get_global_rank(group, i) for i in range(self.pp_size)]
             raise ValueError(

@@ -35,6 +35,9 @@ exchange of tick ``t`` while the compute thread runs tick ``t + 1``. The period
 of a tick is then the larger of compute and communication, not their sum; the
 price is ``p - 1`` more ticks of fill, once per run. The exchange order is the
 same parity order, walked by one thread per rank, so the deadlock argument holds.
+Where posting a send cannot block (``PipeComm.sends_never_block``: gloo), every rank
+sends first instead: no send waits for anything, so no cycle can form, and an odd
+rank's output does not wait a tick for its next input before it goes.
 
 Every wait has a deadline, the caller's: each transfer waits at most the
 ``PipeComm``'s ``timeout`` (the one given to ``PPStrategy``), and a failed transfer
@@ -247,6 +250,10 @@ class StreamingPipeline:
         self.middle = middle if middle is not None else lambda g, activation: self.stage(activation)
         self.overlap = overlap and pp_size > 1
         self.lag = 2 if self.overlap else 1
+        # Where a posted send cannot block (gloo), every rank posts its send first: an odd
+        # rank that received first would hold its output back until the previous rank's
+        # next output arrived, a tick of latency per odd rank that the fill never gives back.
+        self._parity = comm is None or not comm.sends_never_block
         self.platform = platform
         if timeout is None and comm is not None:
             timeout = comm.timeout
@@ -292,7 +299,7 @@ class StreamingPipeline:
                     output = self.finish(g, self._take_input(g))
                 else:
                     output = self.middle(g, self._take_input(g))
-            transfers = ring_exchange(s, self.pp_size, t, self.exists, lag=self.lag)
+            transfers = ring_exchange(s, self.pp_size, t, self.exists, parity=self._parity, lag=self.lag)
             if self.overlap:
                 self._hand_over(t, transfers, output)
             else:

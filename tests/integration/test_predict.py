@@ -21,6 +21,7 @@ from lightning_pp.integration.predict_stream import (
 )
 from lightning_pp.pipeline.streaming import (
     RingDeadlock,
+    StreamingPipeline,
     Transfer,
     replay_ring,
     ring_exchange,
@@ -161,6 +162,41 @@ def test_inputs_stay_on_the_host_until_their_microbatch_launches():
 def test_overlapped_ring_completes_under_blocking_sends(pp_size):
     for m in range(10):
         assert replay_ring(pp_size, m, lag=2) == m * pp_size
+
+
+class _RecordingComm:
+    """A channel that records the order of one rank's sends and receives."""
+
+    def __init__(self, sends_never_block: bool) -> None:
+        self.sends_never_block = sends_never_block
+        self.timeout = None
+        self.log: list[str] = []
+
+    def send(self, payload, dst, *, where="", wait=True):
+        self.log.append("send")
+
+    def recv(self, src, *, what=""):
+        self.log.append("recv")
+        return torch.zeros(1)
+
+    def wait_sends(self):
+        self.log.append("|")  # an exchange ends
+
+
+@pytest.mark.parametrize("sends_never_block", [True, False])
+def test_an_odd_rank_sends_first_only_where_a_posted_send_cannot_block(sends_never_block):
+    # The last of two ranks (odd) sends the result of microbatch g and receives g + 1 in one
+    # exchange. Receiving first is what keeps a ring of blocking sends (XCCL) from
+    # deadlocking; where sends cannot block (gloo) it would only hold the result back.
+    comm = _RecordingComm(sends_never_block)
+    pipe = StreamingPipeline(
+        torch.nn.Identity(), 1, 2, comm, exists=lambda g: g < 3, launch=lambda g: None,
+        finish=lambda g, activation: activation, on_result=lambda g, result: None, overlap=False,
+    )
+    pipe.run_until(pipe.completion_tick(2))
+    both = [e for e in "".join(comm.log).replace("send", "s").replace("recv", "r").split("|") if len(e) == 2]
+    assert both == (["sr", "sr"] if sends_never_block else ["rs", "rs"])
+    assert replay_ring(2, 3) == 6  # the order used under blocking sends completes
 
 
 # -- models and data -----------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class _SilentComm:
 
     def __init__(self, timeout: timedelta) -> None:
         self.timeout = timeout
+        self.sends_never_block = False
         self.release = threading.Event()
 
     def send(self, payload, dst, *, where="", wait=True):

@@ -94,6 +94,8 @@ def test_values_that_cannot_be_joined_fail_with_the_fix():
         concat_outputs([("a", "b"), ("a",)], [2, 2])
     with pytest.raises(ValueError, match=r"output\[1\] has shapes \[\(2, 3\), \(1, 4\)\].*pad them"):
         concat_outputs([(0, torch.zeros(2, 3)), (0, torch.zeros(1, 4))], [2, 1])
+    with pytest.raises(ValueError, match=r"output has shapes \[\(2, 3\), \(1, 4\)\].*pad them"):  # bare tensors too
+        concat_outputs([torch.zeros(2, 3), torch.zeros(1, 4)], [2, 1])
     # A whole-batch value equal in every microbatch is kept; one microbatch is returned as is.
     assert concat_outputs([(torch.tensor(7), "tag"), (torch.tensor(7), "tag")], [1, 1])[1] == "tag"
     single = {"n": 5}
