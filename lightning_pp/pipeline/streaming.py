@@ -103,8 +103,9 @@ def ring_exchange(
         tick: the tick just computed.
         exists: whether stream microbatch ``g`` exists (the stream may end).
         parity: even ranks send first and odd ranks receive first (the default).
-            ``False`` sends first everywhere, which deadlocks under blocking sends
-            (kept so tests can show :func:`replay_ring` catching it).
+            ``False`` sends first everywhere: right where a posted send cannot block
+            (:class:`StreamingPipeline` chooses it there), a deadlock under blocking
+            sends (:func:`replay_ring` catches it).
         lag: ticks between a microbatch's forwards on neighbouring ranks: rank ``s``
             forwards microbatch ``g`` at tick ``g + lag * s``. With ``lag=2`` the
             activation received after tick ``t`` is used at tick ``t + 2``.
