@@ -34,7 +34,7 @@ import os
 import pickle
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -45,6 +45,17 @@ from torch.utils.data import DataLoader
 from _ranks import collect
 
 ROWS = 16
+_SPANS: list[tuple[float, float]] = []  # (start, end) of every layer call in this process
+
+
+class Breakdown(NamedTuple):
+    """Where one rank's predict loop went: its layers' sleeps are the compute, the rest is overhead or waiting."""
+
+    loop_s: float
+    layers_s: float
+    calls: int
+    first_s: float  # from the loop's start to this rank's first layer call
+    after_s: float  # from this rank's last layer call to the loop's end
 
 
 class SleepLayer(nn.Module):
@@ -56,7 +67,9 @@ class SleepLayer(nn.Module):
         self.batch_s = batch_s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         time.sleep(self.batch_s * x.shape[0] / ROWS)
+        _SPANS.append((start, time.perf_counter()))
         return x * self.weight
 
 
@@ -83,13 +96,21 @@ def _stage_layers(args: argparse.Namespace, rank: int) -> nn.Sequential:
 class LoopTimer(L.Callback):
     def on_predict_start(self, trainer, pl_module):
         trainer.strategy.barrier()
+        _SPANS.clear()
         self.start = time.perf_counter()
 
     def on_predict_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
+        end = time.perf_counter()
+        self.seconds = end - self.start
+        self.breakdown: Optional[Breakdown] = None
+        if _SPANS:
+            self.breakdown = Breakdown(self.seconds, sum(b - a for a, b in _SPANS), len(_SPANS),
+                                       _SPANS[0][0] - self.start, end - _SPANS[-1][1])
 
 
-def _predict(args: argparse.Namespace, devices: int, streaming: bool = True) -> tuple[float, torch.Tensor]:
+def _predict(
+    args: argparse.Namespace, devices: int, streaming: bool = True
+) -> tuple[float, torch.Tensor, Optional[Breakdown]]:
     from lightning_pp import PPStrategy
 
     torch.set_num_threads(1)
@@ -106,7 +127,7 @@ def _predict(args: argparse.Namespace, devices: int, streaming: bool = True) -> 
         enable_progress_bar=False, enable_model_summary=False,
     )
     predictions = trainer.predict(model, loader)
-    return timer.seconds, torch.cat(predictions) if trainer.is_global_zero else torch.empty(0)
+    return timer.seconds, torch.cat(predictions) if trainer.is_global_zero else torch.empty(0), timer.breakdown
 
 
 def _torch_predict(args: argparse.Namespace, rank: int, port: int) -> float:
@@ -206,8 +227,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, torch_port: int, floor
     results: dict = {mode: _predict(args, args.pp, streaming=mode == "streaming") for mode in modes}
     results["torch"] = torch_seconds
     results["floor"] = floor
-    if rank == 0:
-        queue.put(pickle.dumps(results))  # by value: shared-memory tensors die with this process
+    queue.put(pickle.dumps((rank, results)))  # by value: shared-memory tensors die with this process
 
 
 def main() -> None:
@@ -233,11 +253,11 @@ def main() -> None:
     procs = [ctx.Process(target=_rank, args=(r, args, *ports, queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
-    [item] = collect(queue, procs, 1, timeout=600)
-    pipelined = pickle.loads(item)
+    by_rank = dict(pickle.loads(item) for item in collect(queue, procs, args.pp, timeout=600))
+    pipelined = by_rank[0]
     for p in procs:
         p.join()
-    single, expected = _predict(args, 1)
+    single, expected, _ = _predict(args, 1)
 
     with open("/proc/loadavg") as f:
         load_after = " ".join(f.read().split()[:3])
@@ -249,7 +269,7 @@ def main() -> None:
     print(f"{'run':22} {'seconds':>8} {'speed-up':>9}  {'same output':>11}")
     print(f"{'one device':22} {single:8.2f} {1.0:8.2f}x")
     for mode in ("streaming", "per-batch"):
-        seconds, output = pipelined[mode]
+        seconds, output, _ = pipelined[mode]
         same = torch.equal(output, expected)
         print(f"{'pp=%d %s' % (p, mode):22} {seconds:8.2f} {single / seconds:8.2f}x  {str(same):>11}")
     torch_seconds = pipelined["torch"]
@@ -260,6 +280,18 @@ def main() -> None:
           f"{'(not kept)':>11}   bare isend/irecv and the same layers, over a bare one-device loop "
           f"({floor_single:.2f} s): what the machine allows")
     print(f"ideal {float(p):.2f}x; a bubble every batch caps it at p*m/(m+p-1) = {p * m / (m + p - 1):.2f}x")
+    nominal_ms = args.layer_ms * args.layers / p / m
+    print(f"pp={p} streaming, where each rank's loop went (its layers' sleeps are the compute, "
+          f"{nominal_ms:.2f} ms per microbatch nominal):")
+    for rank in sorted(by_rank):
+        b = by_rank[rank]["streaming"][2]
+        if b is None:
+            continue
+        rest = b.loop_s - b.layers_s - b.first_s - b.after_s
+        print(f"  rank {rank}: layers {b.layers_s:.3f} s ({1e3 * b.layers_s / b.calls * args.layers / p:.2f} ms per "
+              f"microbatch), before its first layer {1e3 * b.first_s:.1f} ms, after its last "
+              f"{1e3 * b.after_s:.1f} ms, between them outside the layers {1e3 * rest:.1f} ms "
+              "(waiting for inputs, Lightning, data, lightning_pp)")
 
 
 if __name__ == "__main__":
