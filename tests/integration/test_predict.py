@@ -293,15 +293,15 @@ def _check_pipeline(results: list[dict], pp: int, runs: list) -> None:
 pytestmark = pytest.mark.slow
 
 PP2_RUNS = [("no-labels-uneven", False), ("varying-shapes", False), ("tiny-batches", False), ("varying-shapes", True)]
-PP3_RUNS = [("no-labels-uneven", True), ("varying-shapes", True), ("tiny-batches", True)]
+PP3_RUNS = [("no-labels-uneven", True), ("varying-shapes", True), ("tiny-batches", True), ("varying-shapes", False)]
 
 
 def test_two_stages_match_one_device():
     _check_pipeline(run_on_ranks(_pp_rank, 2, 2, PP2_RUNS, init_process_group=False, timeout=150), 2, PP2_RUNS)
 
 
-def test_three_stages_with_blocking_sends_match_one_device():
-    """Odd pp: the ring's wrap-around edge joins two even ranks; sends wait for receivers."""
+def test_three_stages_match_one_device_under_blocking_and_posted_sends():
+    """Odd pp: the ring's wrap-around edge joins two even ranks; sends wait for receivers, then gloo's posted sends."""
     _check_pipeline(run_on_ranks(_pp_rank, 3, 3, PP3_RUNS, init_process_group=False, timeout=180), 3, PP3_RUNS)
 
 
