@@ -86,7 +86,7 @@ class PredictMixin(PipelineStrategyState):
     _predict_streaming: bool = True
     _predict_streams: Optional[dict] = None
     _muted_writers: Optional[list] = None
-    _takes_batch_idx: Optional[tuple[Any, bool]] = None  # (predict_step, whether it takes batch_idx)
+    _takes_batch_idx = False  # whether predict_step takes batch_idx: read once, when a stream is made
 
     def _predict_feed(self, dataloader_idx: int) -> Any:
         """The read-ahead feed of predict dataloader ``dataloader_idx``, or ``None`` when not streaming."""
@@ -104,19 +104,12 @@ class PredictMixin(PipelineStrategyState):
 
     def _predict_stream(self, args: tuple) -> tuple[Any, int]:
         """The stream for this ``predict_step`` call, and the batch index (``None, 0`` when not streaming)."""
-        from lightning.pytorch.utilities.signature_utils import (
-            is_param_in_hook_signature,
-        )
-
         rest = args[1:]
         dataloader_idx = int(rest[-1]) if self._predicts_several_loaders() and rest else 0
         stream = self._stream_for(dataloader_idx)
         if stream is None:
             return None, 0
-        step = self.module.predict_step
-        if self._takes_batch_idx is None or self._takes_batch_idx[0] != step:  # read a signature once, not per batch
-            self._takes_batch_idx = (step, is_param_in_hook_signature(step, "batch_idx", min_args=2))
-        batch_idx = int(rest[0]) if self._takes_batch_idx[1] else stream.next_batch
+        batch_idx = int(rest[0]) if self._takes_batch_idx else stream.next_batch
         return stream, batch_idx
 
     def _predicts_several_loaders(self) -> bool:
@@ -142,6 +135,7 @@ class PredictMixin(PipelineStrategyState):
         trainer = module.trainer
         feed.limit = trainer.predict_loop.max_batches[dataloader_idx]
         takes_batch_idx = is_param_in_hook_signature(module.predict_step, "batch_idx", min_args=2)
+        self._takes_batch_idx = takes_batch_idx  # for _predict_stream, at every batch
         tail = (dataloader_idx,) if self._predicts_several_loaders() else ()
         defer_copy = not any(_overrides_batch_hook(trainer, name) for name in _TRANSFER_HOOKS)
         before_batch_transfer = type(module)._on_before_batch_transfer  # not the guard set in on_predict_start
