@@ -14,11 +14,17 @@ reason missing: the launching process was killed before it printed its own copy.
 2. Its child observer, once a child failed and the others are stopped, gives the
    launching process a grace period to raise and print its own error before it
    is killed (it is killed only if it is still stuck after that).
+
+The children are the script run again. Code given as ``python -c "..."`` or on
+standard input has no script to run again; Lightning's launcher would start
+``python /current/dir/-c`` and fail with "can't open file", so that case is refused
+first, saying what to do instead.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -29,7 +35,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from typing_extensions import override
 
-__all__ = ["PipelineLauncher"]
+__all__ = ["PipelineLauncher", "check_script_can_be_rerun"]
 
 #: Seconds the launching process gets to end by itself after a child failed.
 GRACE_SECONDS = 15.0
@@ -50,6 +56,25 @@ class _PatientObserver(_ChildProcessObserver):
         # during the sleep (having printed its error), nothing below runs.
         time.sleep(self._grace)
         os.kill(self._main_pid, self._termination_signal)
+
+
+def check_script_can_be_rerun(num_processes: int) -> None:
+    """Raises when this process runs code that the launcher cannot start again (``python -c``, stdin).
+
+    ``python -m package.module`` and ``python path/to/script.py`` can be run again; so can
+    anything started by ``torchrun`` or SLURM, which never reaches this check.
+    """
+    import __main__
+
+    if getattr(__main__, "__spec__", None) is not None or sys.argv[0] not in ("-c", "-", ""):
+        return
+    how = "with python -c" if sys.argv[0] == "-c" else "on standard input"
+    raise RuntimeError(
+        f"PPStrategy starts one process per device ({num_processes} here) by running your script again for each "
+        f"extra device, but this code was given {how}, so there is no script to run again. Save it to a file and "
+        f"run `python your_script.py`, or start the processes yourself: `torchrun --nproc-per-node {num_processes} "
+        "your_script.py`."
+    )
 
 
 class PipelineLauncher(_SubprocessScriptLauncher):
@@ -79,6 +104,8 @@ class PipelineLauncher(_SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
+            if self.num_processes > 1:
+                check_script_can_be_rerun(self.num_processes)
             self._check_before_launch(trainer, args)
             self._call_children_scripts()
             _PatientObserver(os.getpid(), self.procs, self._grace).start()

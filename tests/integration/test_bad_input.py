@@ -239,3 +239,32 @@ def test_manual_optimization_is_refused_before_training():
     with pytest.raises(Exception, match="does not support manual optimization"):
         strategy._check_module(Manual(), fitting=True)
     strategy._check_module(Manual(), fitting=False)  # validate and predict need no optimizer
+
+
+_INLINE = """
+import lightning as L
+from lit_models import LitLM, make_loader, trainer_kwargs
+from lightning_pp import PPStrategy
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PPStrategy(), **trainer_kwargs())
+trainer.fit(LitLM(), make_loader())
+print("trained")
+"""
+
+
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_code_that_cannot_be_run_again_is_refused_before_launch(how):
+    # Lightning's launcher would start `python <cwd>/-c` for the second rank ("can't open file").
+    command = [sys.executable, "-c", _INLINE] if how == "-c" else [sys.executable, "-"]
+    job = subprocess.run(
+        command,
+        input=None if how == "-c" else _INLINE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out = job.stdout + job.stderr
+    assert job.returncode == 1, out[-2000:]
+    assert "there is no script to run again" in out and "torchrun --nproc-per-node 2" in out, out[-2000:]
+    assert "can't open file" not in out and "trained" not in out
