@@ -41,7 +41,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_s
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
@@ -64,6 +64,12 @@ from lightning_pp.integration.checkpoint_hooks import CheckpointMixin
 from lightning_pp.integration.launcher import PipelineLauncher
 from lightning_pp.integration.predict_hooks import PredictMixin
 from lightning_pp.integration.sigterm import SigtermAgreement
+from lightning_pp.integration.stage_sizes import (
+    counted_parameters,
+    gather_counts,
+    prints_model_summary,
+    stage_sizes_message,
+)
 from lightning_pp.integration.step_hooks import StepsMixin
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.parallel.gradients import sync_found_inf
@@ -513,6 +519,13 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             replicated_over_pipeline=lambda p: id(p) in outside_ids,
             counted_elsewhere=lambda p: id(p) in counted_elsewhere,
         )
+        summarised = prints_model_summary(getattr(trainer, "callbacks", []))
+        if trainer.state.fn == TrainerFn.FITTING and self.pp_size > 1 and summarised:
+            # Every rank's trainer has the same callbacks: all take part in the gather.
+            counts = gather_counts(
+                counted_parameters(self.module, self._counted_in_norm), self.topology.world_cpu, self._timeout
+            )
+            rank_zero_info(stage_sizes_message(counts, self.topology.shape))
         if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
             raise ValueError(
                 "attention_data_parallel_size is for inference (predict, generation): its ranks hold different "

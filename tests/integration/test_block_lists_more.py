@@ -26,6 +26,8 @@ Errors specific to block lists are checked in one process, without a pipeline.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import types
 
@@ -93,9 +95,11 @@ class Record(L.Callback):
 
 
 def _trainer(devices, strategy, *, epochs=1, callbacks=(), precision="32-true"):
+    # With a model summary: under PPStrategy global rank 0 then also says each stage's size.
     return L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks), precision=precision,
-        gradient_clip_val=CLIP, **trainer_kwargs(max_epochs=epochs, enable_checkpointing=bool(callbacks[1:])),
+        gradient_clip_val=CLIP,
+        **trainer_kwargs(max_epochs=epochs, enable_checkpointing=bool(callbacks[1:]), enable_model_summary=True),
     )
 
 
@@ -111,13 +115,32 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@contextlib.contextmanager
+def _logged_by_rank_zero():
+    """The lines ``rank_zero_info`` logs meanwhile (Lightning's logger for them)."""
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = _Keep()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def _fit(devices, strategy, *, epochs=1, resume=None, callbacks=(), precision="32-true", predict=False) -> dict:
     L.seed_everything(0)
     model = GPT2LM()
     record = Record()
     trainer = _trainer(devices, strategy, epochs=epochs, callbacks=(record, *callbacks), precision=precision)
-    trainer.fit(model, _train_data(), ckpt_path=resume)
-    result = {"losses": record.losses, "norms": record.norms, "state": _state(model)}
+    with _logged_by_rank_zero() as logged:
+        trainer.fit(model, _train_data(), ckpt_path=resume)
+    result = {"losses": record.losses, "norms": record.norms, "state": _state(model), "logged": logged}
     if predict:
         result["preds"] = trainer.predict(model, _predict_data())
         # Whether the predict batches went through PPStrategy's streaming feed (read ahead of Lightning).
@@ -142,7 +165,7 @@ def _pp2_job(rank: int, world: int, directory: str, one_device_tied: str) -> dic
     for schedule in ("GPipe", "ZBH1"):
         out[schedule] = _fit(world, _pp(schedule=schedule))
     out["bf16"] = _fit(world, _pp(), precision="bf16-mixed", predict=True)
-    _fit_tied_sequential(world, _pp(), directory, epochs=1)
+    out["tied"] = _fit_tied_sequential(world, _pp(), directory, epochs=1)
     out["tied_resumed"] = _fit_tied_sequential(world, _pp(), directory, epochs=2, resume=one_device_tied)
     return out
 
@@ -154,9 +177,10 @@ def _fit_tied_sequential(devices, strategy, directory, *, epochs, resume=None) -
     record = Record()
     checkpoint = ModelCheckpoint(dirpath=directory, filename="tied-{epoch}", save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[record, checkpoint],
-                        **trainer_kwargs(max_epochs=epochs, enable_checkpointing=True))
-    trainer.fit(model, make_loader(num_items=16, batch_size=8), ckpt_path=resume)
-    return {"losses": record.losses, "state": _state(model)}
+                        **trainer_kwargs(max_epochs=epochs, enable_checkpointing=True, enable_model_summary=True))
+    with _logged_by_rank_zero() as logged:
+        trainer.fit(model, make_loader(num_items=16, batch_size=8), ckpt_path=resume)
+    return {"losses": record.losses, "state": _state(model), "logged": logged}
 
 
 def _resume_on_one_rank(rank: int, world: int, path: str) -> dict:
@@ -221,6 +245,20 @@ def test_fit_with_clipping_checkpoint_resume_and_predict_equal_one_device(refere
     assert len(results[0]["resumed"]["preds"]) == len(ref["preds"]) == 2
     for mine, theirs in zip(results[0]["resumed"]["preds"], ref["preds"]):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rank_zero_gives_the_whole_models_size_beside_the_summary_of_its_stage(pipelined):
+    from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+    _, results = pipelined
+    # A block list whose head is tied to the embedding, then an nn.Sequential tied the same way: each
+    # tied weight counts once, as in the one-device summary, though the first and last stage both hold it.
+    for key, make in (("saved", GPT2LM), ("tied", TiedLM)):
+        total = get_human_readable_count(sum(p.numel() for p in make().parameters())).strip()
+        said = [line for line in results[0][key]["logged"] if line.startswith("PPStrategy:")]
+        assert len(said) == 1 and f"the model has {total} parameters; by pipeline stage " in said[0], said
+        assert not [line for line in results[1][key]["logged"] if line.startswith("PPStrategy:")]
 
 
 @pytest.mark.slow
