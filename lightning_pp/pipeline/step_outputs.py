@@ -295,12 +295,56 @@ class LogRecorder:
             self.log(name, value, **kwargs)
 
     def combined(self, weights: Sequence[float]) -> dict[str, tuple[Any, dict[str, Any]]]:
-        """Each logged name's weighted mean over the microbatches that logged it."""
+        """Each logged name's value for the whole batch, from the microbatches that logged it.
+
+        Combined as the log call asks Lightning to combine steps (``reduce_fx``): a mean
+        (the default) weighted by the microbatches' shares of rows, a sum summed, a max or
+        min taken over them. For a per-row mean, a count or total, a largest or smallest
+        value, that is exactly the value of the whole batch.
+        """
         names = dict.fromkeys(name for record in self.records for name in record)
         result = {}
         for name in names:
             pairs = [(record[name], w) for record, w in zip(self.records, weights) if name in record]
-            total = sum(w for _, w in pairs)
             values = [value for (value, _), _ in pairs]
-            result[name] = (weighted_mean(values, [w / total for _, w in pairs]), pairs[-1][0][1])
+            kwargs = pairs[-1][0][1]
+            reduction = _reduction(kwargs.get("reduce_fx", "mean"))
+            if reduction == "mean":
+                total = sum(w for _, w in pairs)
+                value = weighted_mean(values, [w / total for _, w in pairs])
+            else:
+                value = _reduce(values, reduction)
+            result[name] = (value, kwargs)
         return result
+
+
+def _reduction(reduce_fx: Any) -> str:
+    """``"mean"``, ``"sum"``, ``"max"`` or ``"min"``: what a ``self.log(..., reduce_fx=...)`` names.
+
+    Anything else is left to Lightning to refuse (it takes only these); here it is a mean.
+    """
+    if isinstance(reduce_fx, str):
+        return {"sum": "sum", "max": "max", "min": "min"}.get(reduce_fx.lower(), "mean")
+    known = {torch.sum: "sum", sum: "sum", torch.max: "max", max: "max", torch.min: "min", min: "min"}
+    return next((reduction for fn, reduction in known.items() if reduce_fx is fn), "mean")
+
+
+def _reduce(values: Sequence[Any], reduction: str) -> Any:
+    """The microbatches' values summed, or their largest or smallest, at every leaf.
+
+    Tensors keep their dtype and device (integer counts stay integers); values that
+    are neither tensors nor numbers are taken from the last microbatch.
+    """
+
+    def reduce(first: Any, *rest: Any) -> Any:
+        leaves = (first, *rest)
+        if isinstance(first, torch.Tensor):
+            stacked = torch.stack([v.detach() for v in leaves])
+            if reduction == "sum":  # floats summed in double, as the weighted mean is
+                return (stacked.double() if stacked.is_floating_point() else stacked).sum(0).to(first.dtype)
+            return stacked.amax(0) if reduction == "max" else stacked.amin(0)
+        if isinstance(first, (float, int)) and not isinstance(first, bool):
+            return sum(leaves) if reduction == "sum" else max(leaves) if reduction == "max" else min(leaves)
+        return leaves[-1]
+
+    return tree_map(reduce, values[0], *values[1:])

@@ -4,7 +4,7 @@ One module and datamodule, trained with what Lightning users combine every day:
 default Trainer options (the distributed sampler included), validation with
 ``ModelCheckpoint(monitor="val_loss", save_top_k=2)`` and ``EarlyStopping``, an LR
 scheduler with ``LearningRateMonitor``, a ``CSVLogger``, epoch-level values reduced
-with ``sync_dist=True`` (a mean and a sum), ``self.all_gather``, then
+with ``sync_dist=True`` (a mean, sums, counts and a max), ``self.all_gather``, then
 ``trainer.validate`` and ``trainer.test``; and ``LightningCLI`` choosing the strategy
 from a YAML config. Each is compared with the same module on one device.
 """
@@ -45,11 +45,20 @@ class ToolboxModule(L.LightningModule):
         return F.cross_entropy(self.layers(x).flatten(0, 1), y.flatten())
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        x, y = batch
+        logits = self.layers(x)
+        per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        loss = per_token.mean()
         self.log("train_loss", loss)
-        # Epoch-level reductions: a sum over the epoch's steps counts each step once.
-        self.log("loss_sum", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="sum")
-        self.log("mean_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        # Epoch-level reductions of a mean, a total, two counts (a Python int, an integer tensor) and
+        # a largest value. Microbatch values combine as Lightning combines steps (reduce_fx), which
+        # for each of these gives the whole batch's value; a sum over the steps counts each step once.
+        epoch = dict(on_step=False, on_epoch=True, sync_dist=True)
+        self.log("mean_loss", loss, **epoch)
+        self.log("loss_total", per_token.sum(), reduce_fx="sum", **epoch)
+        self.log("rows", len(x), reduce_fx="sum", **epoch)
+        self.log("correct", (logits.argmax(-1) == y).sum(), reduce_fx="sum", **epoch)
+        self.log("worst_token_loss", per_token.max(), reduce_fx="max", **epoch)
         return loss
 
     def on_train_epoch_end(self):
@@ -155,7 +164,9 @@ def test_the_toolbox_matches_one_device(tmp_path):
     for mine, theirs in zip(got["metrics"], ref["metrics"]):
         bad = {k: (mine[k], v) for k, v in theirs.items() if not _close(mine[k], v)}
         assert not bad, bad
-    assert any(row.get("loss_sum") for row in ref["metrics"]) and any(row.get("lr-SGD") for row in ref["metrics"])
+    for name in ("loss_total", "rows", "correct", "worst_token_loss", "lr-SGD"):
+        assert any(row.get(name) for row in ref["metrics"]), name
+    assert float(next(row["rows"] for row in ref["metrics"] if row.get("rows"))) == 22, "every row counted once"
 
 
 # -- LightningCLI ------------------------------------------------------------------------------

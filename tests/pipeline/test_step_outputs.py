@@ -141,3 +141,55 @@ def test_split_take_and_join_rows_round_trip():
     output = mixed(_batch(3))
     (part,) = split_rows([output], [3])
     assert_same_exactly(join_rows([part.take(0, 1), part.take(1, 3)]), output)
+
+
+# -- logged values: microbatches combine as Lightning combines steps (reduce_fx) ------------------
+def _logged_per_microbatch(batch: torch.Tensor, num_microbatches: int, log) -> dict:
+    """What ``log(recorder, rows)`` logs for the whole batch, via microbatches and the recorder."""
+    from lightning_pp.pipeline.step_outputs import LogRecorder
+
+    recorder = LogRecorder()
+    parts = torch.tensor_split(batch, num_microbatches)
+    for part in parts:
+        recorder.start_microbatch()
+        log(recorder, part)
+    combined = recorder.combined([len(part) / len(batch) for part in parts])
+    return {name: value for name, (value, _) in combined.items()}
+
+
+def _log_statistics(recorder, rows: torch.Tensor) -> None:
+    recorder.log("mean", rows.mean())
+    recorder.log("avg", rows.mean(), reduce_fx="avg")
+    recorder.log("total", rows.sum(), reduce_fx="sum")
+    recorder.log("total_by_fn", rows.sum(), reduce_fx=torch.sum)
+    recorder.log("positives", (rows > 0).sum(), reduce_fx="sum")  # an integer count
+    recorder.log("rows", len(rows), reduce_fx="sum")  # a Python int
+    recorder.log("largest", rows.max(), reduce_fx="max")
+    recorder.log("smallest", rows.min(), reduce_fx=torch.min)
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 3, 4])
+def test_logged_values_are_the_whole_batchs_when_combined_by_their_reduce_fx(num_microbatches):
+    batch = torch.randn(10, generator=torch.Generator().manual_seed(0))  # 10 rows: uneven microbatches
+    whole = _logged_per_microbatch(batch, 1, _log_statistics)
+    got = _logged_per_microbatch(batch, num_microbatches, _log_statistics)
+    assert set(got) == set(whole)
+    for name, value in whole.items():
+        if isinstance(value, torch.Tensor):
+            assert got[name].dtype == value.dtype, name  # a count stays an integer
+            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert got[name] == value, name
+    assert got["rows"] == 10 and got["positives"].item() == int((batch > 0).sum())
+
+
+def test_a_value_logged_by_some_microbatches_combines_over_those():
+    def log(recorder, rows):
+        if rows[0] > 0:  # only some microbatches log these
+            recorder.log("count", len(rows), reduce_fx="sum")
+            recorder.log("mean", rows.mean())
+
+    batch = torch.tensor([1.0, 2.0, -1.0, -2.0, 3.0, 5.0])  # microbatches [1, 2], [-1, -2], [3, 5]
+    got = _logged_per_microbatch(batch, 3, log)
+    assert got["count"] == 4
+    torch.testing.assert_close(got["mean"], torch.tensor(2.75))
