@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -54,6 +55,25 @@ from lightning_pp.pipeline.step_outputs import (
 from lightning_pp.tree import map_tensors
 
 __all__ = ["StepsMixin"]
+
+
+def _refuse_metric_object(name: str, value: Any) -> None:
+    """Raises for a ``torchmetrics.Metric`` logged as itself, which a pipelined step cannot log as one device does.
+
+    Its state is on the stage whose code updates it (after the Sequential call: the
+    last), while every stage logs; and its step value would be the last microbatch's.
+    """
+    from torchmetrics import Metric
+
+    if isinstance(value, Metric):
+        raise MisconfigurationException(
+            f"PPStrategy cannot log the torchmetrics object {type(value).__name__} as {name!r} (self.log({name!r}, "
+            "metric)): its state is on the pipeline stage that updates it, and a step runs as several microbatches. "
+            f"Log the value it returns instead, e.g. self.log({name!r}, self.metric(preds, target)): microbatch "
+            "values are weighted by their rows, which gives the batch's value for a per-row mean such as "
+            "micro-averaged accuracy, and Lightning's epoch mean weights batches by their size. Metrics that are "
+            "not per-row means (macro averages, AUROC) cannot be logged exactly under PPStrategy yet."
+        )
 
 
 class StepsMixin(PipelineStrategyState):
@@ -129,8 +149,17 @@ class StepsMixin(PipelineStrategyState):
                 if pipelined is not None:
                     pipelined.handler = None
 
+        def log(name: str, value: Any, **log_kwargs: Any) -> None:
+            _refuse_metric_object(name, value)
+            recorder.log(name, value, **log_kwargs)
+
+        def log_dict(dictionary: Any, **log_kwargs: Any) -> None:
+            for name, value in dictionary.items():
+                _refuse_metric_object(name, value)
+            recorder.log_dict(dictionary, **log_kwargs)
+
         # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
-        module.log, module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign, assignment]
+        module.log, module.log_dict = log, log_dict  # type: ignore[method-assign, assignment]
         try:
             yield step_fn, recorder
         finally:
