@@ -39,6 +39,7 @@ class ToolboxModule(L.LightningModule):
             nn.Embedding(VOCAB, DIM), *[Block() for _ in range(num_blocks)], nn.LayerNorm(DIM), nn.Linear(DIM, VOCAB)
         )
         self.gathered: list[list[float]] = []
+        self.val_outputs: list[torch.Tensor] = []
 
     def _loss(self, batch):
         x, y = batch
@@ -65,7 +66,17 @@ class ToolboxModule(L.LightningModule):
         self.gathered.append(self.all_gather(torch.tensor([float(self.current_epoch)])).flatten().tolist())
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
+        loss = self._loss(batch)
+        self.log("val_loss", loss)
+        return loss
+
+    # The README's way to keep step values for the epoch's end: every rank gets the batch's value here.
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val_outputs.append(outputs)
+
+    def on_validation_epoch_end(self):
+        self.log("val_avg", torch.stack(self.val_outputs).mean())
+        self.val_outputs.clear()
 
     def test_step(self, batch, batch_idx):
         self.log("test_loss", self._loss(batch))
@@ -164,7 +175,7 @@ def test_the_toolbox_matches_one_device(tmp_path):
     for mine, theirs in zip(got["metrics"], ref["metrics"]):
         bad = {k: (mine[k], v) for k, v in theirs.items() if not _close(mine[k], v)}
         assert not bad, bad
-    for name in ("loss_total", "rows", "correct", "worst_token_loss", "lr-SGD"):
+    for name in ("loss_total", "rows", "correct", "worst_token_loss", "lr-SGD", "val_avg"):
         assert any(row.get(name) for row in ref["metrics"]), name
     assert float(next(row["rows"] for row in ref["metrics"] if row.get("rows"))) == 22, "every row counted once"
 
