@@ -39,6 +39,7 @@ from lightning_pp.distributed.errors import named_failures
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.parallel.gradients import (
     clip_grad_norm_across_stages,
+    grad_norm_across_stages,
     reduce_stage_gradients,
     sum_over_group,
 )
@@ -439,6 +440,28 @@ class StepsMixin(PipelineStrategyState):
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def gradient_norm(self) -> Tensor:
+        """The 2-norm of the whole model's gradients, every stage's, as one device computes it.
+
+        Every rank must call it (it adds up over the ranks that hold the model), e.g. in
+        ``on_before_optimizer_step``::
+
+            self.log("grad_norm", self.trainer.strategy.gradient_norm())
+
+        There Lightning's ``grad_norm(module)`` would see this rank's stages only. A
+        weight several ranks hold (tied across stages, outside the pipelined layers)
+        counts once.
+        """
+        if self._counted_in_norm is None:
+            raise RuntimeError("PPStrategy.gradient_norm() needs the pipeline set up: call it during fit.")
+        return grad_norm_across_stages(
+            self.module.parameters(),
+            counted=self._counted_in_norm,
+            group=self._replica_group,
+            device=self.root_device,
+            why="PPStrategy.gradient_norm",
+        )
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the norm taken over every stage's gradients."""

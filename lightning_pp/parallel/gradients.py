@@ -24,7 +24,13 @@ from torch import Tensor
 
 from lightning_pp.distributed.errors import named_failures
 
-__all__ = ["clip_grad_norm_across_stages", "reduce_stage_gradients", "sum_over_group", "sync_found_inf"]
+__all__ = [
+    "clip_grad_norm_across_stages",
+    "grad_norm_across_stages",
+    "reduce_stage_gradients",
+    "sum_over_group",
+    "sync_found_inf",
+]
 
 
 def _all_reduce_flat(
@@ -115,7 +121,31 @@ def clip_grad_norm_across_stages(
             ``None`` when that is this rank alone.
     """
     params = [p for group in param_groups for p in group["params"] if p.grad is not None]
-    counted_grads = [p.grad.detach() for p in params if counted(p)]
+    total_norm = grad_norm_across_stages(params, counted=counted, group=group, device=device, why="gradient clipping")
+    # The same formula as torch.nn.utils.clip_grad_norm_, applied with one fused multiply per device and dtype.
+    torch.nn.utils.clip_grads_with_norm_(params, float(max_norm), total_norm)
+    return total_norm
+
+
+def grad_norm_across_stages(
+    params: Iterable[Tensor],
+    *,
+    counted: Callable[[Tensor], bool],
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+    why: str,
+) -> Tensor:
+    """The 2-norm of the gradients of the whole model, every stage's; every rank of ``group`` must call it.
+
+    Args:
+        params: this rank's parameters (those without a gradient are left out).
+        counted: whether this rank's copy of a parameter enters the norm (a tensor
+            held by several ranks counts on one of them only).
+        group: every rank holding part of the model (one data-parallel replica);
+            ``None`` when that is this rank alone.
+        why: what the norm is for, for the error when a rank is lost.
+    """
+    counted_grads = [p.grad.detach() for p in params if p.grad is not None and counted(p)]
     # Per-tensor norms in the gradients' own dtype, as torch.nn.utils.clip_grad_norm_ takes
     # them on one device (no float64 copy of every gradient); only the squared local norm,
     # one scalar, goes over the group, in float32.
@@ -124,12 +154,9 @@ def clip_grad_norm_across_stages(
     else:
         local = torch.zeros((), dtype=torch.float32, device=device)
     if group is not None:
-        with named_failures("add up the gradient norm over the ranks of the replica (gradient clipping)", group):
+        with named_failures(f"add up the gradient norm over the ranks of the replica ({why})", group):
             dist.all_reduce(local, group=group)
-    total_norm = local.sqrt()
-    # The same formula as torch.nn.utils.clip_grad_norm_, applied with one fused multiply per device and dtype.
-    torch.nn.utils.clip_grads_with_norm_(params, float(max_norm), total_norm)
-    return total_norm
+    return local.sqrt()
 
 
 def sync_found_inf(scaler: Any) -> None:

@@ -85,6 +85,7 @@ class Record(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.norms: list[float] = []
+        self.model_norms: list[float] = []  # under PPStrategy: its norm of every stage's gradients
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
@@ -92,6 +93,8 @@ class Record(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        if hasattr(trainer.strategy, "gradient_norm"):
+            self.model_norms.append(float(trainer.strategy.gradient_norm()))
 
 
 def _trainer(devices, strategy, *, epochs=1, callbacks=(), precision="32-true"):
@@ -140,7 +143,10 @@ def _fit(devices, strategy, *, epochs=1, resume=None, callbacks=(), precision="3
     trainer = _trainer(devices, strategy, epochs=epochs, callbacks=(record, *callbacks), precision=precision)
     with _logged_by_rank_zero() as logged:
         trainer.fit(model, _train_data(), ckpt_path=resume)
-    result = {"losses": record.losses, "norms": record.norms, "state": _state(model), "logged": logged}
+    result = {
+        "losses": record.losses, "norms": record.norms, "model_norms": record.model_norms, "state": _state(model),
+        "logged": logged,
+    }
     if predict:
         result["preds"] = trainer.predict(model, _predict_data())
         # Whether the predict batches went through PPStrategy's streaming feed (read ahead of Lightning).
@@ -237,6 +243,11 @@ def test_fit_with_clipping_checkpoint_resume_and_predict_equal_one_device(refere
         torch.testing.assert_close(r["saved"]["losses"], ref["losses"][:steps], rtol=RTOL, atol=ATOL)
         # Resumed under another split (4 virtual stages) with the saved weights, momentum and schedule.
         torch.testing.assert_close(r["resumed"]["losses"], ref["losses"][steps:], rtol=RTOL, atol=ATOL)
+        # PPStrategy.gradient_norm() on every rank: the one-device norm (the tied head counted once).
+        torch.testing.assert_close(r["saved"]["model_norms"], ref["norms"][:steps], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["resumed"]["model_norms"], ref["norms"][steps:], rtol=1e-4, atol=1e-6)
+    # Each rank's own gradients are not the model's: the check above can fail.
+    assert all(abs(a - b) > 1e-3 for a, b in zip(results[0]["saved"]["norms"], ref["norms"]))
     _assert_states_equal(_merged([r["saved"]["state"] for r in results]), ref["epoch1"]["state_dict"])
     _assert_states_equal(_merged([r["resumed"]["state"] for r in results]), ref["state"])
     # Predict streams the block list's batches (1F1B layout); Interleaved1F1B predicts batch by batch.
