@@ -251,13 +251,10 @@ print("trained")
 """
 
 
-@pytest.mark.parametrize("how", ["-c", "stdin"])
-def test_code_that_cannot_be_run_again_is_refused_before_launch(how):
+def test_code_given_with_python_c_is_refused_before_launch():
     # Lightning's launcher would start `python <cwd>/-c` for the second rank ("can't open file").
-    command = [sys.executable, "-c", _INLINE] if how == "-c" else [sys.executable, "-"]
     job = subprocess.run(
-        command,
-        input=None if how == "-c" else _INLINE,
+        [sys.executable, "-c", _INLINE],
         capture_output=True,
         text=True,
         timeout=120,
@@ -268,3 +265,20 @@ def test_code_that_cannot_be_run_again_is_refused_before_launch(how):
     assert job.returncode == 1, out[-2000:]
     assert "there is no script to run again" in out and "torchrun --nproc-per-node 2" in out, out[-2000:]
     assert "can't open file" not in out and "trained" not in out
+
+
+@pytest.mark.parametrize(
+    "argv0, spec, refused",
+    [("-c", None, "with python -c"), ("-", None, "on standard input"), ("train.py", None, None), ("", "m", None)],
+)
+def test_which_main_programs_can_be_run_again(monkeypatch, argv0, spec, refused):
+    import __main__
+    from lightning_pp.integration.launcher import check_script_can_be_rerun
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    monkeypatch.setattr(__main__, "__spec__", spec, raising=False)  # `python -m package.module` has one
+    if refused is None:
+        check_script_can_be_rerun(4)
+    else:
+        with pytest.raises(RuntimeError, match=f"this code was given {refused}.*torchrun --nproc-per-node 4"):
+            check_script_can_be_rerun(4)
