@@ -251,6 +251,7 @@ print("trained")
 """
 
 
+@pytest.mark.slow  # a process that imports Lightning: 10-15 s
 def test_code_given_with_python_c_is_refused_before_launch():
     # Lightning's launcher would start `python <cwd>/-c` for the second rank ("can't open file").
     job = subprocess.run(
