@@ -1,4 +1,4 @@
-"""Python objects across ranks: a broadcast and a barrier that name their failures.
+"""Python objects across ranks: a broadcast, a gather of one integer and a barrier that name their failures.
 
 Small control messages (a checkpoint path, a save's outcome, the last stage's loss
 and logs, a FlashInfer handle) travel as pickled objects. Each call here wraps the
@@ -13,11 +13,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Optional, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from lightning_pp.distributed.errors import named_failures
 
-__all__ = ["barrier", "broadcast_object"]
+__all__ = ["all_gather_int", "barrier", "broadcast_object"]
 
 T = TypeVar("T")
 
@@ -49,6 +50,20 @@ def broadcast_object(
     with named_failures(operation, group, timeout=timeout):
         dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def all_gather_int(
+    value: int, group: Optional[dist.ProcessGroup] = None, *, operation: str, timeout: Optional[timedelta] = None
+) -> list[int]:
+    """Every rank's ``value`` (a signed 64-bit integer), by rank in ``group``: one host collective, nothing pickled.
+
+    ``group`` must take CPU tensors (gloo, or a device group's CPU twin).
+    """
+    mine = torch.tensor([value], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    with named_failures(operation, group, timeout=timeout):
+        dist.all_gather(everyone, mine, group=group)
+    return [int(t.item()) for t in everyone]
 
 
 def barrier(group: Optional[dist.ProcessGroup] = None, *, operation: str, timeout: Optional[timedelta] = None) -> None:

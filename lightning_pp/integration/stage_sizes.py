@@ -8,19 +8,16 @@ turns every rank's count into one line that gives the model's size and each stag
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import nn
 
-from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.topology import MeshShape, RankCoords, rank_of
 
-__all__ = ["counted_parameters", "gather_counts", "prints_model_summary", "stage_sizes_message"]
+__all__ = ["counted_parameters", "prints_model_summary", "stage_sizes_message"]
 
 
 def prints_model_summary(callbacks: Sequence[object]) -> bool:
@@ -31,15 +28,6 @@ def prints_model_summary(callbacks: Sequence[object]) -> bool:
 def counted_parameters(module: nn.Module, counted: Callable[[torch.Tensor], bool]) -> int:
     """Elements of this rank's parameters that count towards the model's size (each tensor on one rank only)."""
     return sum(p.numel() for p in module.parameters() if counted(p))
-
-
-def gather_counts(count: int, group: Optional[dist.ProcessGroup], timeout: Optional[timedelta]) -> list[int]:
-    """Every rank's count, by rank in ``group`` (a group of every rank: by global rank)."""
-    mine = torch.tensor([count], dtype=torch.int64)
-    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    with named_failures("count the parameters of every pipeline stage", group, timeout=timeout):
-        dist.all_gather(counts, mine, group=group)
-    return [int(c.item()) for c in counts]
 
 
 def stage_sizes_message(counts: Sequence[int], shape: MeshShape) -> str:

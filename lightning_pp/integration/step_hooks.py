@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_pp.distributed.broadcasts import RepeatedBroadcast
 from lightning_pp.distributed.errors import named_failures
+from lightning_pp.distributed.objects import all_gather_int
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.parallel.gradients import (
     clip_grad_norm_across_stages,
@@ -156,8 +157,7 @@ class StepsMixin(PipelineStrategyState):
 
         def log_dict(dictionary: Any, **log_kwargs: Any) -> None:
             for name, value in dictionary.items():
-                _refuse_metric_object(name, value)
-            recorder.log_dict(dictionary, **log_kwargs)
+                log(name, value, **log_kwargs)
 
         # Instance attributes shadow the methods: the user's `self.log` lands in the recorder.
         module.log, module.log_dict = log, log_dict  # type: ignore[method-assign, assignment]
@@ -356,11 +356,9 @@ class StepsMixin(PipelineStrategyState):
         # object gather (two collectives): this runs at the start of every fit, validation
         # and predict. The values themselves are gathered only to name them in the error.
         digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
-        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
-        digests = [torch.empty_like(mine) for _ in range(self.pp_size)]
-        with named_failures(operation, group, timeout=self._timeout):
-            dist.all_gather(digests, mine, group=group)
-        if any(not torch.equal(d, mine) for d in digests):  # every rank sees the same digests: all raise
+        mine = int.from_bytes(digest, "little", signed=True)
+        digests = all_gather_int(mine, group, operation=operation, timeout=self._timeout)
+        if any(d != mine for d in digests):  # every rank sees the same digests: all raise
             values: list[Any] = [None] * self.pp_size
             with named_failures(operation, group, timeout=self._timeout):
                 dist.all_gather_object(values, value, group=group)

@@ -49,7 +49,7 @@ from typing_extensions import override
 from lightning_pp.checkpoint.hf import checkpoint_covers, load_pending_hf_checkpoints
 from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.interrupts import install_interrupt_escalation
-from lightning_pp.distributed.objects import barrier, broadcast_object
+from lightning_pp.distributed.objects import all_gather_int, barrier, broadcast_object
 from lightning_pp.distributed.p2p import PipeComm, Transport
 from lightning_pp.distributed.topology import (
     MeshShape,
@@ -66,7 +66,6 @@ from lightning_pp.integration.predict_hooks import PredictMixin
 from lightning_pp.integration.sigterm import SigtermAgreement
 from lightning_pp.integration.stage_sizes import (
     counted_parameters,
-    gather_counts,
     prints_model_summary,
     stage_sizes_message,
 )
@@ -522,8 +521,11 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         summarised = prints_model_summary(getattr(trainer, "callbacks", []))
         if trainer.state.fn == TrainerFn.FITTING and self.pp_size > 1 and summarised:
             # Every rank's trainer has the same callbacks: all take part in the gather.
-            counts = gather_counts(
-                counted_parameters(self.module, self._counted_in_norm), self.topology.world_cpu, self._timeout
+            counts = all_gather_int(
+                counted_parameters(self.module, self._counted_in_norm),
+                self.topology.world_cpu,
+                operation="count the parameters of every pipeline stage",
+                timeout=self._timeout,
             )
             rank_zero_info(stage_sizes_message(counts, self.topology.shape))
         if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
