@@ -121,8 +121,17 @@ class _LateOneLayer(LitLM):
         self.layers = torch.nn.Sequential(torch.nn.Embedding(32, 32))
 
 
+class _LateWeightAveraging(LitLM):
+    """Brings its own WeightAveraging callback: the launcher cannot see it, every rank refuses it in setup."""
+
+    def configure_callbacks(self):
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        return [WeightAveraging()]
+
+
 MODELS = {"lm": LitLM, "one-layer": _OneLayer, "no-sequential": _NoSequential, "manual": _Manual,
-          "late-one-layer": _LateOneLayer}
+          "late-one-layer": _LateOneLayer, "late-weight-averaging": _LateWeightAveraging}
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ from lightning_pp.distributed.topology import (
     destroy_topology,
     rank_of,
 )
+from lightning_pp.integration.callback_checks import check_callbacks
 from lightning_pp.integration.checkpoint_hooks import CheckpointMixin
 from lightning_pp.integration.launcher import PipelineLauncher
 from lightning_pp.integration.predict_hooks import PredictMixin
@@ -338,10 +339,13 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
 
     def _check_before_launch(self, trainer: Optional["pl.Trainer"], args: tuple) -> None:
         """Raises, in the launching process before any other rank starts, what every rank would raise in setup."""
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if trainer is not None:
+            check_callbacks(getattr(trainer, "callbacks", []), pp_size=self.pp_size, fitting=fitting)
         module = args[0] if args and isinstance(args[0], pl.LightningModule) else None
         if module is None:
             return
-        self._check_module(module, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
+        self._check_module(module, fitting=fitting)
         if is_overridden("configure_model", module) or self.balance == "time":
             return  # the network (or the split) exists only once set up on each rank
         plan = plan_block_split if uses_block_list(module, self.sequential_name) else plan_module_split
@@ -454,7 +458,10 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             # Before Lightning registers its SIGTERM handler (right after this hook).
             self._sigterm = SigtermAgreement(trainer, self.topology.world_cpu, self._timeout)
             self._sigterm.install_handler()
-        self._check_module(self.module, fitting=trainer.state.fn == TrainerFn.FITTING)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        # Again on every rank: callbacks from configure_callbacks, ranks started by torchrun.
+        check_callbacks(getattr(trainer, "callbacks", []), pp_size=self.pp_size, fitting=fitting)
+        self._check_module(self.module, fitting=fitting)
         if self.dp_size == 1:
             # With one replica every stage logs the one-device value already (sent from the
             # last stage); Lightning's advice to add sync_dist=True does not apply.
