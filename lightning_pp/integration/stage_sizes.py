@@ -30,8 +30,12 @@ def counted_parameters(module: nn.Module, counted: Callable[[torch.Tensor], bool
     return sum(p.numel() for p in module.parameters() if counted(p))
 
 
-def stage_sizes_message(counts: Sequence[int], shape: MeshShape) -> str:
-    """One line for the log: the model's parameters in all and by pipeline stage (the first replica's ranks)."""
+def stage_sizes_message(counts: Sequence[int], shape: MeshShape, *, shared_outside: bool = False) -> str:
+    """One line for the log: the model's parameters in all and by pipeline stage (the first replica's ranks).
+
+    ``shared_outside``: whether the module has parameters outside the pipelined layers
+    (which every stage holds a copy of); the line then says where they are counted.
+    """
 
     def stage_size(stage: int) -> int:
         coords = [RankCoords(pp=stage, dp=0, cp=cp, tp=tp) for cp in range(shape.cp) for tp in range(shape.tp)]
@@ -39,8 +43,10 @@ def stage_sizes_message(counts: Sequence[int], shape: MeshShape) -> str:
 
     by_stage = [stage_size(stage) for stage in range(shape.pp)]
     sizes = " | ".join(get_human_readable_count(n).strip() for n in by_stage)
+    where = ""
+    if shared_outside:
+        where = " (those outside the pipelined layers, which every stage holds, count with stage 0)"
     return (
         f"PPStrategy: the model has {get_human_readable_count(sum(by_stage)).strip()} parameters; by pipeline stage "
-        f"{sizes} (those outside the pipelined layers, which every stage holds, count with stage 0). The model "
-        "summary counts global rank 0's share only."
+        f"{sizes}{where}. The model summary counts global rank 0's share only."
     )

@@ -534,7 +534,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
                 operation="count the parameters of every pipeline stage",
                 timeout=self._timeout,
             )
-            rank_zero_info(stage_sizes_message(counts, self.topology.shape))
+            rank_zero_info(
+                stage_sizes_message(counts, self.topology.shape, shared_outside=bool(self._outside_param_ids))
+            )
         if trainer.state.fn == TrainerFn.FITTING and self.attention_mode == "data":
             raise ValueError(
                 "attention_data_parallel_size is for inference (predict, generation): its ranks hold different "

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from torch import Tensor, nn
 
 from lightning_pp.distributed.errors import PayloadError
-from lightning_pp.pipeline.blocks import BlockContainer, BlockList, find_block_list
+from lightning_pp.pipeline.blocks import BlockContainer, BlockList, find_block_list, resolve_path
 from lightning_pp.pipeline.placement import Unheld, check_no_unheld, outside_modules, replace_module
 from lightning_pp.pipeline.split import plan_stage_split
 from lightning_pp.pipeline.ties import TiedParameter, find_module_ties
@@ -43,6 +43,8 @@ from lightning_pp.tree import leaf_paths, tree_leaves
 __all__ = [
     "BlockCallError",
     "BlockPipeline",
+    "PER_BLOCK_OUTPUTS",
+    "PerBlockOutputError",
     "PassThrough",
     "partition_block_list",
     "plan_block_split",
@@ -52,6 +54,16 @@ __all__ = [
 
 class BlockCallError(RuntimeError):
     """The step did not call the stage's blocks once each, in order."""
+
+
+class PerBlockOutputError(ValueError):
+    """The model was asked for a value per block (hidden states, attentions), which no one stage has."""
+
+
+#: Keyword arguments, and config attributes of the same name, with which a Hugging Face model
+#: returns one value per block, collected while its loop runs: every layer's hidden states,
+#: attention weights, or router logits (for a mixture of experts' balancing loss).
+PER_BLOCK_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 
 class _StageDone(BaseException):
@@ -269,6 +281,37 @@ class BlockPipeline:
                     yield p
 
 
+def _per_block_output_check(path: str) -> Callable[..., None]:
+    """A forward pre-hook for the module that loops over the blocks: refuses :data:`PER_BLOCK_OUTPUTS`.
+
+    With the blocks spread over pipeline stages, such a value would be collected on each
+    stage from its own blocks only; the last stage's, which the step returns, would be
+    short, and its first entries the received activation repeated: wrong, silently.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        config = getattr(module, "config", None)
+        asked = []
+        for name in PER_BLOCK_OUTPUTS:
+            value = kwargs.get(name)
+            if value is None:
+                value = getattr(config, name, None)
+            if value is True:
+                asked.append(name)
+        if asked:
+            where = f"{type(module).__name__} (the module that calls {path})"
+            raise PerBlockOutputError(
+                f"{where} was called with {' and '.join(f'{name}=True' for name in asked)} (as an argument or in its "
+                f"config): a value for every block, collected while it loops over them. Under PPStrategy each pipeline "
+                "stage runs only its own blocks, so no stage can return that value, and the last stage's would be "
+                "silently wrong. Leave it False (in the call and in the config) with pipeline stages. The final "
+                "hidden states are available: call the base model (e.g. self.model.model(input_ids)) and use its "
+                "last_hidden_state, which the last stage computes as one device does."
+            )
+
+    return hook
+
+
 def installed_block_pipeline(root: nn.Module) -> Optional[tuple[str, BlockPipeline]]:
     for path, module in root.named_modules():
         pipeline = getattr(module, _INSTALLED, None)
@@ -352,6 +395,9 @@ def partition_block_list(
             pipeline.has_unheld = True
         if num_stages > 1:
             module.register_forward_pre_hook(pipeline.outside_call_check(path, before))
+    if num_stages > 1:
+        owner = resolve_path(root, found.path.rpartition(".")[0]) if "." in found.path else root
+        owner.register_forward_pre_hook(_per_block_output_check(found.path), with_kwargs=True)
     pipeline.layout = layout
     pipeline.ties = tuple(ties)
     object.__setattr__(found.container, _INSTALLED, pipeline)
