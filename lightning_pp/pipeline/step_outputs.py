@@ -191,6 +191,14 @@ def split_rows(outputs: Sequence[Any], num_rows: Sequence[int]) -> list[OutputRo
     return parts
 
 
+#: What to do when a whole-batch value is a model's key/value cache (a Hugging Face model's output with use_cache on).
+_CACHE_HINT = (
+    "It is the model's key/value cache (a Hugging Face model returns one when use_cache is on), and under PPStrategy "
+    "each stage fills it for its own layers only, so no rank holds the one-device cache. Call the model with "
+    "use_cache=False, or return only what you need from its output (e.g. out.logits)."
+)
+
+
 def _join(parts: Sequence[OutputRows], of: str, whole_hint: str) -> Any:
     first = parts[0]
     for part in parts[1:]:
@@ -206,9 +214,10 @@ def _join(parts: Sequence[OutputRows], of: str, whole_hint: str) -> Any:
         if first.whole[j]:
             different = next((v for v in values[1:] if not _same(values[0], v)), None)
             if different is not None:
+                hint = _CACHE_HINT if type(values[0]).__name__.endswith("Cache") else whole_hint
                 raise ValueError(
                     f"predict_step's output{path} is a value of the whole batch, not one per row, and it differs "
-                    f"between the {of} ({_describe(values[0])} vs {_describe(different)}). {whole_hint}"
+                    f"between the {of} ({_describe(values[0])} vs {_describe(different)}). {hint}"
                 )
             joined.append(values[0])
         elif all(isinstance(v, list) for v in values):

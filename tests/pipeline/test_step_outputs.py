@@ -96,6 +96,14 @@ def test_values_that_cannot_be_joined_fail_with_the_fix():
         concat_outputs([(0, torch.zeros(2, 3)), (0, torch.zeros(1, 4))], [2, 1])
     with pytest.raises(ValueError, match=r"output has shapes \[\(2, 3\), \(1, 4\)\].*pad them"):  # bare tensors too
         concat_outputs([torch.zeros(2, 3), torch.zeros(1, 4)], [2, 1])
+    # A Hugging Face output with use_cache on holds the KV cache, one object per microbatch.
+
+    class DynamicCache:  # what transformers returns (by name; no transformers needed here)
+        pass
+
+    with pytest.raises(ValueError, match=r"output\['cache'\] .*key/value cache.*use_cache=False"):
+        concat_outputs([{"logits": torch.zeros(2, 3), "cache": DynamicCache()}, {"logits": torch.zeros(1, 3),
+                                                                                 "cache": DynamicCache()}], [2, 1])
     # A whole-batch value equal in every microbatch is kept; one microbatch is returned as is.
     assert concat_outputs([(torch.tensor(7), "tag"), (torch.tensor(7), "tag")], [1, 1])[1] == "tag"
     single = {"n": 5}
