@@ -45,7 +45,7 @@ from lightning_pp.parallel.gradients import (
     sum_over_group,
 )
 from lightning_pp.pipeline.executor import PipelineExecutor
-from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
+from lightning_pp.pipeline.microbatch import batch_rows, microbatch_shares, split_microbatches
 from lightning_pp.pipeline.recorder import TraceRecorder
 from lightning_pp.pipeline.schedules import Schedule, build_schedule
 from lightning_pp.pipeline.step_outputs import (
@@ -127,11 +127,15 @@ class StepsMixin(PipelineStrategyState):
             sequential_name=f"self.{self._pipelined_attr}",
         )
 
-    def _split(self, batch: Any) -> tuple[list[Any], list[float]]:
-        """The batch's microbatches (one per row at most) and each one's share of the rows."""
-        rows = batch_rows(batch)
-        microbatches = split_microbatches(batch, min(self.num_microbatches, rows))
-        return microbatches, [batch_rows(mb) / rows for mb in microbatches]
+    def _split(self, batch: Any, *, weighted: bool = True) -> tuple[list[Any], list[float]]:
+        """The batch's microbatches (one per row at most) and each one's share of the batch.
+
+        The share weighs the microbatch's loss and logged means: by its rows, or by
+        ``PPStrategy(microbatch_weight=...)`` where ``weighted`` (not for predict, whose
+        batches need not carry what the weight counts).
+        """
+        microbatches = split_microbatches(batch, min(self.num_microbatches, batch_rows(batch)))
+        return microbatches, microbatch_shares(microbatches, self._microbatch_weight if weighted else None)
 
     @contextmanager
     def _microbatch_steps(self, hook: str, microbatches: list[Any], args: tuple, kwargs: dict) -> Iterator[tuple]:
@@ -258,8 +262,13 @@ class StepsMixin(PipelineStrategyState):
 
                 def loss_fn(k: int, step_output: Any) -> Tensor:
                     # One device back-propagates mean(batch) / accumulate: each microbatch
-                    # contributes its share of the rows.
-                    loss = extract_loss(step_output) * (weights[k] / accumulate)
+                    # contributes its share of the batch (of its rows, or of microbatch_weight).
+                    loss = extract_loss(step_output)
+                    if weights[k] == 0:
+                        # Nothing to average over (its loss may be 0/0 = NaN): it contributes no
+                        # gradient, and its backward sends none on.
+                        return loss.detach()
+                    loss = loss * (weights[k] / accumulate)
                     return scaler.scale(loss) if scaler is not None else loss
 
                 executor = self._executor(schedule)
@@ -326,7 +335,11 @@ class StepsMixin(PipelineStrategyState):
             raise FloatingPointError(
                 f"The training loss is not finite (this replica: {loss.item()}) at global step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}, batch {batch_idx}). Every pipeline rank stops here. Lower the "
-                "learning rate, clip gradients or check the data; PPStrategy(check_finite_loss=False) trains on."
+                "learning rate, clip gradients or check the data; PPStrategy(check_finite_loss=False) trains on. "
+                "If the loss is a mean over items some microbatch of this batch lacks (a Hugging Face loss over "
+                "labels, where one microbatch's are all -100), that microbatch's loss is 0/0: pass "
+                "PPStrategy(microbatch_weight='label_tokens') (or a function counting the items), which leaves it out "
+                "as one device's mean over the whole batch does."
             )
 
     @override
@@ -476,7 +489,7 @@ class StepsMixin(PipelineStrategyState):
         batch, rest = args[0], args[1:]
         plugin = self.precision_plugin
         context = plugin.val_step_context() if hook != "predict_step" else plugin.predict_step_context()
-        microbatches, weights = self._split(batch)
+        microbatches, weights = self._split(batch, weighted=hook != "predict_step")
         with context, self._microbatch_steps(hook, microbatches, rest, kwargs) as (step_fn, recorder):
             executor = self._executor(self._schedule(len(weights), forward_only=True))
             early = self._post_publish(recorder, weights)

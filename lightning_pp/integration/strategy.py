@@ -81,6 +81,7 @@ from lightning_pp.parallel.model_parallel import (
 from lightning_pp.pipeline.balance import balance_by_time, profile_layer_times
 from lightning_pp.pipeline.block_stage import partition_block_list, plan_block_split
 from lightning_pp.pipeline.materialize import has_meta_tensors, materialize_meta_tensors
+from lightning_pp.pipeline.microbatch import MicrobatchWeight, resolve_microbatch_weight
 from lightning_pp.pipeline.schedules import normalise_schedule_name
 from lightning_pp.pipeline.stage import (
     capture_sequential_input,
@@ -143,6 +144,14 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         check_finite_loss: stop every rank with an error naming the step when the loss
             is NaN or infinite (a pipeline cannot stop one stage alone without hanging
             the others).
+        microbatch_weight: how much each microbatch's loss (and each value logged with
+            the default mean) counts in the batch's, in training, validation and test.
+            ``None``: its rows, which gives one device's value for a per-row mean.
+            ``"label_tokens"``: the tokens of ``batch["labels"]`` other than -100 after
+            each row's first, which gives one device's value for a Hugging Face causal
+            LM's loss (a mean over those tokens) when rows have different numbers of them
+            (padding, masked prompts). Or a function of a microbatch (the batch's
+            structure) returning the number of items its loss averages over.
     """
 
     strategy_name = "pp"
@@ -171,6 +180,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         context_parallel_size: int = 1,
         attention_data_parallel_size: int = 1,
         fused_allreduce_max_tokens: int = 2048,
+        microbatch_weight: MicrobatchWeight = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -237,6 +247,7 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.check_finite_loss = check_finite_loss
+        self._microbatch_weight = resolve_microbatch_weight(microbatch_weight)
         self._num_nodes = 1
         self.pp_size = 1
         self.dp_size = 1

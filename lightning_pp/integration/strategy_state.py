@@ -40,6 +40,8 @@ class PipelineStrategyState(ParallelStrategy):
         attention_mode: ``"context"`` (cp splits tokens) or ``"data"`` (DP attention).
         topology: the whole (pp, dp, cp, tp) mesh with its groups, once set up.
         check_finite_loss: stop every rank on a non-finite loss.
+        _microbatch_weight: what a microbatch's share of the batch is weighed by
+            (``None``: its rows); see ``PPStrategy(microbatch_weight=...)``.
 
     Process groups (``None`` before setup and after teardown):
         _pp_group, _pp_cpu_group: this rank's pipeline (and its CPU twin, if the
@@ -86,6 +88,7 @@ class PipelineStrategyState(ParallelStrategy):
     attention_mode: str
     topology: Optional[RankTopology]
     check_finite_loss: bool
+    _microbatch_weight: Optional[Callable[[Any], Any]]
 
     _pp_group: Optional[dist.ProcessGroup]
     _pp_cpu_group: Optional[dist.ProcessGroup]

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from lightning_pp.tree import tree_flatten, tree_leaves, tree_unflatten
 
-__all__ = ["batch_rows", "split_microbatches"]
+__all__ = [
+    "MICROBATCH_WEIGHTS",
+    "MicrobatchWeight",
+    "batch_rows",
+    "label_tokens",
+    "microbatch_shares",
+    "resolve_microbatch_weight",
+    "split_microbatches",
+]
+
+#: How much a microbatch counts in the batch's loss and logged means: its rows (``None``),
+#: a named rule, or a function of the microbatch.
+MicrobatchWeight = Union[None, str, Callable[[Any], Any]]
+
+#: The label that Hugging Face (and ``torch.nn.functional.cross_entropy``) leave out of a loss.
+IGNORE_INDEX = -100
 
 
 def batch_rows(batch: Any) -> int:
@@ -54,3 +70,74 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     spec, leaves = tree_flatten(batch)
     parts = [split(leaf) for leaf in leaves]
     return [tree_unflatten(spec, [p[k] for p in parts]) for k in range(num_microbatches)]
+
+
+def label_tokens(microbatch: Any) -> int:
+    """The tokens a Hugging Face causal LM's loss averages over: labels other than -100, after each row's first.
+
+    The model predicts token ``t + 1`` from the tokens up to ``t``, so a row's first label
+    is never a target.
+
+    Raises:
+        ValueError: the microbatch is not a mapping with an integer ``"labels"`` tensor of 2 or more dims.
+    """
+    labels = microbatch.get("labels") if isinstance(microbatch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        raise ValueError(
+            "microbatch_weight='label_tokens' counts the tokens of batch['labels'] (integer token ids, -100 for "
+            f"tokens left out of the loss), but the batch is {type(microbatch).__name__}"
+            + ("" if isinstance(microbatch, Mapping) else " (not a mapping)")
+            + (f" whose 'labels' is {type(labels).__name__}" if isinstance(microbatch, Mapping) else "")
+            + ". Pass microbatch_weight=<a function of the microbatch> that counts what your loss averages over."
+        )
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+#: The named rules of ``PPStrategy(microbatch_weight=...)``.
+MICROBATCH_WEIGHTS: dict[str, Callable[[Any], int]] = {"label_tokens": label_tokens}
+
+
+def resolve_microbatch_weight(weight: MicrobatchWeight) -> Optional[Callable[[Any], Any]]:
+    """The function behind ``PPStrategy(microbatch_weight=...)``; ``None`` for rows.
+
+    Raises:
+        ValueError: an unknown name, or neither a name, a function nor ``None``.
+    """
+    if weight is None or callable(weight):
+        return weight
+    if isinstance(weight, str) and weight in MICROBATCH_WEIGHTS:
+        return MICROBATCH_WEIGHTS[weight]
+    raise ValueError(
+        f"microbatch_weight={weight!r}: pass None (each microbatch counts by its rows, right for a per-row mean), "
+        f"one of {sorted(MICROBATCH_WEIGHTS)}, or a function of a microbatch that returns how much it counts "
+        "(the number of items its loss averages over)."
+    )
+
+
+def microbatch_shares(microbatches: list[Any], weight: Optional[Callable[[Any], Any]] = None) -> list[float]:
+    """Each microbatch's share of the batch: of its rows, or of ``weight(microbatch)`` summed over them.
+
+    A mean over the batch's items is then the shares' weighted sum of the microbatches'
+    means over their own items. With weights that add up to 0 (nothing to average over
+    in the whole batch) the shares fall back to rows.
+
+    Raises:
+        ValueError: a weight that is negative, or not a number.
+    """
+    rows = [batch_rows(mb) for mb in microbatches]
+    if weight is None:
+        return [n / sum(rows) for n in rows]
+    weights = []
+    for k, mb in enumerate(microbatches):
+        value = weight(mb)
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if not value >= 0:
+            raise ValueError(
+                f"microbatch_weight gave {value} for microbatch {k}; a weight is how many items the microbatch's loss "
+                "averages over (a number >= 0)."
+            )
+        weights.append(value)
+    total = sum(weights)
+    if total == 0:
+        return [n / sum(rows) for n in rows]
+    return [w / total for w in weights]

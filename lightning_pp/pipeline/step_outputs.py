@@ -47,16 +47,18 @@ def weighted_mean(values: Sequence[Any], weights: Sequence[float]) -> Any:
     """``sum(w * v)`` at every leaf: tensors (kept in their dtype and device) and numbers, nested in dicts or sequences.
 
     Values that cannot be averaged (strings, integer tensors, ...) are taken from the
-    last microbatch, as Lightning itself keeps the last value logged in a step.
+    last microbatch, as Lightning itself keeps the last value logged in a step. A value
+    of weight 0 is left out, not multiplied by 0: a mean over nothing (a microbatch with
+    no token to average over) is NaN, and must not make the batch's NaN.
     """
 
     def mean(first: Any, *rest: Any) -> Any:
         leaves = (first, *rest)
         if isinstance(first, torch.Tensor) and (first.is_floating_point() or first.is_complex()):
-            total = sum(v.detach().double() * w for v, w in zip(leaves, weights))
-            return total.to(first.dtype)
+            total = sum(v.detach().double() * w for v, w in zip(leaves, weights) if w)
+            return torch.as_tensor(total, dtype=torch.float64, device=first.device).to(first.dtype)
         if isinstance(first, (float, int)) and not isinstance(first, bool):
-            return float(sum(float(v) * w for v, w in zip(leaves, weights)))
+            return float(sum(float(v) * w for v, w in zip(leaves, weights) if w))
         return leaves[-1]
 
     return tree_map(mean, values[0], *values[1:])
@@ -307,7 +309,8 @@ class LogRecorder:
         """Each logged name's value for the whole batch, from the microbatches that logged it.
 
         Combined as the log call asks Lightning to combine steps (``reduce_fx``): a mean
-        (the default) weighted by the microbatches' shares of rows, a sum summed, a max or
+        (the default) weighted by the microbatches' shares of the batch (of its rows, or
+        of ``PPStrategy(microbatch_weight=...)``), a sum summed, a max or
         min taken over them. For a per-row mean, a count or total, a largest or smallest
         value, that is exactly the value of the whole batch.
         """
@@ -320,7 +323,9 @@ class LogRecorder:
             reduction = _reduction(kwargs.get("reduce_fx", "mean"))
             if reduction == "mean":
                 total = sum(w for _, w in pairs)
-                value = weighted_mean(values, [w / total for _, w in pairs])
+                # Only microbatches of weight 0 logged it: their plain mean.
+                shares = [w / total for _, w in pairs] if total else [1 / len(pairs)] * len(pairs)
+                value = weighted_mean(values, shares)
             else:
                 value = _reduce(values, reduction)
             result[name] = (value, kwargs)
