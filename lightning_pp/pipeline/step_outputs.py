@@ -55,8 +55,10 @@ def weighted_mean(values: Sequence[Any], weights: Sequence[float]) -> Any:
     def mean(first: Any, *rest: Any) -> Any:
         leaves = (first, *rest)
         if isinstance(first, torch.Tensor) and (first.is_floating_point() or first.is_complex()):
-            total = sum(v.detach().double() * w for v, w in zip(leaves, weights) if w)
-            return torch.as_tensor(total, dtype=torch.float64, device=first.device).to(first.dtype)
+            wide = torch.complex128 if first.is_complex() else torch.float64
+            terms = (v.detach().to(wide) * w for v, w in zip(leaves, weights) if w)
+            total = sum(terms, torch.zeros_like(first, dtype=wide))
+            return total.to(first.dtype)
         if isinstance(first, (float, int)) and not isinstance(first, bool):
             return float(sum(float(v) * w for v, w in zip(leaves, weights) if w))
         return leaves[-1]

@@ -12,7 +12,7 @@ import torch
 
 from lightning_pp.integration.predict_stream import gather_replica_predictions
 from lightning_pp.pipeline.microbatch import batch_rows, split_microbatches
-from lightning_pp.pipeline.step_outputs import concat_outputs, is_row_list, join_rows, split_rows
+from lightning_pp.pipeline.step_outputs import concat_outputs, is_row_list, join_rows, split_rows, weighted_mean
 
 from compare import assert_same
 
@@ -201,3 +201,11 @@ def test_a_value_logged_by_some_microbatches_combines_over_those():
     got = _logged_per_microbatch(batch, 3, log)
     assert got["count"] == 4
     torch.testing.assert_close(got["mean"], torch.tensor(2.75))
+
+
+def test_weighted_means_keep_complex_values_and_leave_out_weight_zero():
+    mean = weighted_mean([torch.tensor(1 + 2j), torch.tensor(3 + 0j)], [0.5, 0.5])
+    assert mean.dtype == torch.complex64 and complex(mean) == 2 + 1j
+    # A microbatch with nothing to average over has a NaN mean and weight 0: it must not make the batch's NaN.
+    assert float(weighted_mean([torch.tensor(float("nan")), torch.tensor(3.0)], [0.0, 1.0])) == 3.0
+    assert weighted_mean([{"a": float("nan")}, {"a": 2.0}], [0.0, 1.0]) == {"a": 2.0}
