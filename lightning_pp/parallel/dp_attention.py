@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pp.distributed.collectives import GroupLike, device_group_of, group_size
+from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.topology import ParallelGroup
 from lightning_pp.platform import current_platform, distributed_backend_for
 
@@ -157,7 +158,8 @@ def gather_batch_info(
     group, device = _control_group(dp_group)
     mine = torch.tensor([num_tokens], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(everyone, mine, group=group)
+    with named_failures("exchange token counts over the attention data-parallel group", group):
+        dist.all_gather(everyone, mine, group=group)
     counts = [int(t.item()) for t in everyone]
     dp_rank = dp_group.rank if isinstance(dp_group, ParallelGroup) else dist.get_rank(group)
     return plan_padding(counts, dp_rank, attn_tp_size=attn_tp_size, pad_mode=pad_mode)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lightning_pp.distributed.errors import CollectiveError
 from lightning_pp.distributed.topology import MeshShape, ParallelGroup, build_topology
 from lightning_pp.parallel.dp_attention import (
     gather_batch_info,
@@ -136,3 +137,22 @@ def test_gather_batch_info_on_four_ranks():
     assert [r["world_max"].padded_num_tokens for r in results] == [8, 8, 8, 8]
     # cp group (1, 3) is all empty: no idle batch there, nobody in it runs.
     assert not results[1]["cp"].should_run and not results[1]["cp"].need_idle_batch
+
+
+def _gather_fails_on_rank(rank: int, world_size: int) -> str:
+    world = ParallelGroup("world", tuple(range(world_size)), dist.group.WORLD, dist.group.WORLD)
+
+    def lost_peer(*args, **kwargs):  # what gloo raises when a peer died
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+    dist.all_gather = lost_peer
+    try:
+        gather_batch_info(3, dp_group=world, attn_tp_size=2)
+    except CollectiveError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_failed_token_count_exchange_names_itself():
+    for message in run_on_ranks(_gather_fails_on_rank, 2):
+        assert "could not exchange token counts over the attention data-parallel group" in message, message
