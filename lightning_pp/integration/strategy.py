@@ -51,6 +51,7 @@ from lightning_pp.distributed.errors import named_failures
 from lightning_pp.distributed.interrupts import install_interrupt_escalation
 from lightning_pp.distributed.objects import all_gather_int, barrier, broadcast_object
 from lightning_pp.distributed.p2p import PipeComm, Transport
+from lightning_pp.distributed.startup import set_default_group_timeout, startup_timeout
 from lightning_pp.distributed.topology import (
     MeshShape,
     RankCoords,
@@ -140,7 +141,9 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
             before the job fails with an error naming the stage, the peer and the
             operation (a stalled or lost stage). It bounds every process group the
             strategy creates and the streaming predict and generation loops. ``None``
-            uses torch's default for the backend (30 minutes on gloo, 10 on NCCL).
+            uses torch's default for the backend (30 minutes on gloo, 10 on NCCL). The
+            start-up rendezvous, which waits for every rank to start, may take at least
+            10 minutes (:mod:`lightning_pp.distributed.startup`).
         check_finite_loss: stop every rank with an error naming the step when the loss
             is NaN or infinite (a pipeline cannot stop one stage alone without hanging
             the others).
@@ -407,7 +410,12 @@ class PPStrategy(StepsMixin, PredictMixin, CheckpointMixin, PipelineStrategyStat
         platform = platform_for(self.root_device)
         backend = self._process_group_backend or platform.dist_backend
         assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        created = not dist.is_initialized()
+        # The rendezvous waits for every rank to start and import: it gets a start-up
+        # allowance, and the default group the strategy's deadline once all are there.
+        _init_dist_connection(self.cluster_environment, backend, timeout=startup_timeout(self._timeout))
+        if created:
+            set_default_group_timeout(self._timeout)
         if not self._exit_hook_registered:
             # NOTE: gloo groups still alive at interpreter shutdown can abort the process
             # (see _release_at_exit), with any backend: device groups have gloo CPU twins.
