@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from typing_extensions import override
 
+from lightning_pp.distributed.objects import all_gather_int
 from lightning_pp.distributed.topology import RankCoords, rank_of
+from lightning_pp.integration.shuffling import agree_on_shuffling
 from lightning_pp.integration.strategy_state import PipelineStrategyState
 from lightning_pp.platform import platform_for
 
@@ -201,6 +203,9 @@ class PredictMixin(PipelineStrategyState):
     def process_dataloader(self, dataloader: object) -> object:
         from lightning_pp.integration.predict_stream import PredictFeed
 
+        if self.pp_size > 1 and self.topology is not None:
+            # Every stage reads the batches: a shuffled loader must give each the same order.
+            agree_on_shuffling(dataloader, self._first_stage_value)
         module = self._lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if drives_own_pipeline(module):
@@ -209,6 +214,16 @@ class PredictMixin(PipelineStrategyState):
         if streams and trainer is not None and trainer.predicting:
             return PredictFeed(dataloader)
         return super().process_dataloader(dataloader)
+
+    def _first_stage_value(self, value: int) -> int:
+        """``value`` as the pipeline's first stage has it (a collective over the pipeline's ranks)."""
+        assert self.topology is not None
+        return all_gather_int(
+            value,
+            self.topology.pp.cpu_group,
+            operation="agree on the order of shuffled batches over the pipeline",
+            timeout=self._timeout,
+        )[0]
 
     @override
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
