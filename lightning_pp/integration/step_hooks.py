@@ -54,7 +54,7 @@ from lightning_pp.pipeline.step_outputs import (
     extract_loss,
     weighted_mean,
 )
-from lightning_pp.tree import map_tensors
+from lightning_pp.tree import map_tensors, tree_flatten
 
 __all__ = ["StepsMixin"]
 
@@ -350,6 +350,13 @@ class StepsMixin(PipelineStrategyState):
             self._sigterm.install_check()
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            # Once an epoch: every stage must read the same batches (a dataset shuffled with
+            # no seed, or a sampler of the user's own, may order them per process).
+            self._check_same_on_pipeline("rows in the first batch of the epoch", _batch_digest(batch), show=False)
+
+    @override
     def on_train_end(self) -> None:
         if self._sigterm is not None:
             self._sigterm.finish()
@@ -359,8 +366,11 @@ class StepsMixin(PipelineStrategyState):
         trainer = self.module.trainer
         self._check_same_on_pipeline("validation batches", trainer.num_val_batches)
 
-    def _check_same_on_pipeline(self, what: str, value: Any) -> None:
-        """Fails on every rank when the stages of a pipeline would run different numbers of steps."""
+    def _check_same_on_pipeline(self, what: str, value: Any, *, show: bool = True) -> None:
+        """Fails on every rank when the stages of a pipeline disagree on ``value`` (a count, a batch's digest).
+
+        ``show``: name each stage's value in the error (not for digests).
+        """
         if self.pp_size == 1:
             return
         group = self._pp_cpu_group or self._pp_group
@@ -371,6 +381,13 @@ class StepsMixin(PipelineStrategyState):
         digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
         mine = int.from_bytes(digest, "little", signed=True)
         digests = all_gather_int(mine, group, operation=operation, timeout=self._timeout)
+        if any(d != mine for d in digests) and not show:
+            raise ValueError(
+                f"The stages of one pipeline read different {what}: each stage reads the batches itself, and the "
+                "step pairs the first stage's rows with the last stage's (its labels). The data's order depends on "
+                "each process's random state: seed it alike on every rank (a dataset shuffled without a seed, e.g. "
+                "datasets' .shuffle() with no seed=, or a sampler of your own that draws from a random state)."
+            )
         if any(d != mine for d in digests):  # every rank sees the same digests: all raise
             values: list[Any] = [None] * self.pp_size
             with named_failures(operation, group, timeout=self._timeout):
@@ -529,3 +546,21 @@ class _EarlyPublish:
     def __call__(self) -> None:
         if self.result is None and self._landed():
             self.result = self._publish()
+
+
+def _batch_digest(batch: Any) -> str:
+    """A digest of a batch's contents: every tensor's dtype, shape and bytes, and plain values (strings, numbers).
+
+    Other values count by their type only: their text may hold a memory address.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    _, leaves = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            digest.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+            digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif leaf is None or isinstance(leaf, (str, int, float, bool, bytes)):
+            digest.update(repr(leaf).encode())
+        else:
+            digest.update(type(leaf).__qualname__.encode())
+    return digest.hexdigest()

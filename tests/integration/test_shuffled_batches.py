@@ -8,6 +8,9 @@ went on without an error (seen at pp=2: different batch sums from the first step
 
 from __future__ import annotations
 
+import os
+import random
+
 import lightning as L
 import pytest
 import torch
@@ -59,3 +62,37 @@ def test_every_stage_reads_the_same_shuffled_batches_and_trains_as_one_device_on
     trainer.fit(model, DataLoader(first["batches"], batch_size=None))
     torch.testing.assert_close(first["losses"], model.losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second["losses"], model.losses, rtol=1e-5, atol=1e-6)
+
+
+class ShuffledPerProcess(torch.utils.data.Sampler):
+    """A sampler of a user's own that shuffles with each process's own random state."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        random.Random(os.getpid()).shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _own_sampler_rank(rank: int, world_size: int) -> str:
+    from lightning_pp import PPStrategy
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=PPStrategy(), **trainer_kwargs(max_epochs=1))
+    try:
+        trainer.fit(LitLM(), DataLoader(TokenData(24), batch_size=4, sampler=ShuffledPerProcess(24)))
+    except ValueError as error:
+        return str(error)
+    return "trained"
+
+
+def test_stages_that_read_different_batches_stop_at_the_first_one():
+    # No generator to give: the check at each epoch's first batch stops every stage, naming the cause.
+    for message in run_on_ranks(_own_sampler_rank, 2, init_process_group=False, timeout=240):
+        assert "The stages of one pipeline read different rows in the first batch of the epoch" in message, message
+        assert "seed it alike on every rank" in message
