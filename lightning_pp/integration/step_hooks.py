@@ -381,24 +381,26 @@ class StepsMixin(PipelineStrategyState):
         digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
         mine = int.from_bytes(digest, "little", signed=True)
         digests = all_gather_int(mine, group, operation=operation, timeout=self._timeout)
-        if any(d != mine for d in digests) and not show:
+        if all(d == mine for d in digests):
+            return
+        # Every rank sees the same digests: all raise.
+        if not show:
             raise ValueError(
                 f"The stages of one pipeline read different {what}: each stage reads the batches itself, and the "
                 "step pairs the first stage's rows with the last stage's (its labels). The data's order depends on "
                 "each process's random state: seed it alike on every rank (a dataset shuffled without a seed, e.g. "
                 "datasets' .shuffle() with no seed=, or a sampler of your own that draws from a random state)."
             )
-        if any(d != mine for d in digests):  # every rank sees the same digests: all raise
-            values: list[Any] = [None] * self.pp_size
-            with named_failures(operation, group, timeout=self._timeout):
-                dist.all_gather_object(values, value, group=group)
-            assert group is not None, "pp > 1 has a pipeline group once set up"
-            ranks = [dist.get_global_rank(group, i) for i in range(self.pp_size)]
-            raise ValueError(
-                f"The stages of one pipeline see different numbers of {what}: {values} by pipeline rank, at global "
-                f"ranks {ranks}. Every stage must iterate the same data: give each rank the same dataloader and let "
-                "PPStrategy split it over data-parallel replicas."
-            )
+        values: list[Any] = [None] * self.pp_size
+        with named_failures(operation, group, timeout=self._timeout):
+            dist.all_gather_object(values, value, group=group)
+        assert group is not None, "pp > 1 has a pipeline group once set up"
+        ranks = [dist.get_global_rank(group, i) for i in range(self.pp_size)]
+        raise ValueError(
+            f"The stages of one pipeline see different numbers of {what}: {values} by pipeline rank, at global "
+            f"ranks {ranks}. Every stage must iterate the same data: give each rank the same dataloader and let "
+            "PPStrategy split it over data-parallel replicas."
+        )
 
     def _reduce_gradients(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """Averages over data-parallel replicas; sums parameters outside the Sequential over the pipeline.

@@ -83,12 +83,13 @@ def label_tokens(microbatch: Any) -> int:
     """
     labels = microbatch.get("labels") if isinstance(microbatch, Mapping) else None
     if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        found = f"{type(microbatch).__name__} " + (
+            f"whose 'labels' is {type(labels).__name__}" if isinstance(microbatch, Mapping) else "(not a mapping)"
+        )
         raise ValueError(
             "microbatch_weight='label_tokens' counts the tokens of batch['labels'] (integer token ids, -100 for "
-            f"tokens left out of the loss), but the batch is {type(microbatch).__name__}"
-            + ("" if isinstance(microbatch, Mapping) else " (not a mapping)")
-            + (f" whose 'labels' is {type(labels).__name__}" if isinstance(microbatch, Mapping) else "")
-            + ". Pass microbatch_weight=<a function of the microbatch> that counts what your loss averages over."
+            f"tokens left out of the loss), but the batch is {found}. Pass microbatch_weight=<a function of the "
+            "microbatch> that counts what your loss averages over."
         )
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -125,8 +126,9 @@ def microbatch_shares(microbatches: list[Any], weight: Optional[Callable[[Any], 
         ValueError: a weight that is negative, or not a number.
     """
     rows = [batch_rows(mb) for mb in microbatches]
+    by_rows = [n / sum(rows) for n in rows]
     if weight is None:
-        return [n / sum(rows) for n in rows]
+        return by_rows
     weights = []
     for k, mb in enumerate(microbatches):
         value = weight(mb)
@@ -138,6 +140,4 @@ def microbatch_shares(microbatches: list[Any], weight: Optional[Callable[[Any], 
             )
         weights.append(value)
     total = sum(weights)
-    if total == 0:
-        return [n / sum(rows) for n in rows]
-    return [w / total for w in weights]
+    return [w / total for w in weights] if total else by_rows
